@@ -1,0 +1,87 @@
+"""The component contracts: read this file first.
+
+Six components, each chosen by a Hydra config group (`conf/<group>/`) or given as a Python object
+to `build_runner(cfg, <group>=obj)`. Components never import each other; `runner/build.py` wires
+them. Only the ParallelPlan knows DCP exists: the block table sees `cp_size`/`cp_rank`, the
+attention backend sees local lengths, and the plan wraps the backend with the DCP combine.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from runner.forward_context import AttentionMetadata, KVCacheSpec
+    from runner.parallel.plan import ParallelPlan
+    from runner.runner import Runner
+
+
+@runtime_checkable
+class ModelLoader(Protocol):  # conf/model
+    def hf_config(self) -> PretrainedConfig:
+        """The transformers config of the model (from `path`, or built from the shape fields)."""
+
+    def build(self, plan: ParallelPlan, device: torch.device) -> nn.Module:
+        """The model with this rank's shard shapes, weights not yet loaded."""
+
+    def load_weights(self, model: nn.Module, plan: ParallelPlan) -> None:
+        """Fill the weights (checkpoint or dummy), each parameter with its own shard."""
+
+
+@runtime_checkable
+class AttentionBackend(Protocol):  # conf/attention
+    returns_lse: bool  # DCP needs the natural-log LSE of partial attention
+
+    def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:
+        """Shape of one layer's cache tensor."""
+
+    def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+                 slot_mapping: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor | None) -> None:
+        """Store new tokens' key [T, Hkv, D] (and value) at `slot_mapping` [T]; skip slot -1.
+        `value` is None when V is a view of K (MLA)."""
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal attention of fresh tokens within each request (no cached context).
+        q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv] -> out [T, H, Dv], lse [T, H] fp32."""
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query token per request against its paged cache (this rank's `local_seq_lens`).
+        q [R, H, D] -> out [R, H, Dv], lse [R, H] fp32 natural log; -inf and out 0 if empty."""
+
+
+@runtime_checkable
+class BlockTable(Protocol):  # conf/block_table
+    block_size: int  # tokens per physical block on one rank
+    virtual_block_size: int  # tokens per allocated block id: block_size * cp_size
+
+    def slot_mapping(self, positions: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """positions [T] and each token's block-table row [T, max_num_blocks] -> slots [T] int64,
+        -1 where this rank does not own the token."""
+
+    def local_seq_lens(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Tokens of each sequence stored on this rank: [R] -> [R]."""
+
+
+@runtime_checkable
+class GraphCapturer(Protocol):  # conf/graph
+    def capture(self, step_fn: Callable[..., Any], buffers: Any) -> None:
+        """Record decode steps for the batch sizes it supports (eager: nothing)."""
+
+    def padded_size(self, num_reqs: int) -> int:
+        """The batch size a decode step of `num_reqs` requests runs at."""
+
+    def replay(self, num_reqs: int) -> Any:
+        """Run the decode step of `num_reqs` requests from the persistent buffers."""
+
+
+@runtime_checkable
+class Task(Protocol):  # conf/task
+    def run(self, runner: Runner) -> dict:
+        """Do the job; return its metrics (a sweep summary reads them)."""

@@ -1,0 +1,66 @@
+"""Requests and what the runner returns for them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int = 0
+    ignore_eos: bool = False
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    req_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_ids: list[int] = field(default_factory=list)  # virtual block ids, shared by DCP ranks
+    finish_reason: str | None = None  # stop | length | error
+    error: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+@dataclass
+class TokenEvent:
+    """What one step produced for one request."""
+
+    req_id: int
+    token_id: int | None  # None when the request failed without a token
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    req_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # stop | length | error
+    error: str | None = None
+    text: str | None = None
+
+    def to_json(self) -> dict:
+        return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids,
+                "text": self.text, "finish_reason": self.finish_reason, "error": self.error}
