@@ -27,6 +27,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of each output token
     status: Status = Status.WAITING
     block_ids: list[int] = field(default_factory=list)  # virtual block ids, shared by DCP ranks
     finish_reason: str | None = None  # stop | length | error

@@ -34,6 +34,7 @@ class ParallelPlan:
         self.world_rank = 0
         self.tp = GroupHandle()
         self.dcp = GroupHandle()
+        self.initialized = tp == 1  # a multi-rank plan is set up by runner.launch
 
     @property
     def world_size(self) -> int:
@@ -48,6 +49,7 @@ class ParallelPlan:
         """Create the process groups (after `dist.init_process_group`, before any capture).
         Every rank calls `new_group` for every group, in the same order."""
         self.world_rank = world_rank
+        self.initialized = True
         if self.world_size == 1:
             return
         tp_group = dist.new_group(list(range(self.tp_size)))
@@ -79,6 +81,13 @@ class ParallelPlan:
             return HeadShard(local, self.tp.rank * local)
         ranks_per_head = self.tp_size // num_kv_heads
         return HeadShard(1, self.tp.rank // ranks_per_head)
+
+    def wrap_attention(self, backend):
+        """The backend the model calls: itself, or under DCP the query gather + LSE combine."""
+        if self.dcp_size == 1:
+            return backend
+        from runner.attention.dcp import DCPAttention
+        return DCPAttention(backend, self.dcp, self.dcp_comm)
 
     def describe(self) -> dict:
         return {"tp": self.tp_size, "dcp": self.dcp_size, "ep": self.ep,

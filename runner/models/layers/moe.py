@@ -1,0 +1,185 @@
+"""DeepSeek mixture of experts: softmax router (greedy or group-limited top-k), routed experts
+split by intermediate size (TP) or by whole experts (EP), shared experts; each rank sums its
+partial routed + shared output and ONE all-reduce over tp combines them."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runner.distributed import GroupHandle
+from runner.errors import RunnerError
+from runner.models.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate/up column-parallel (one fused weight), down row-parallel.
+    A dense layer's MLP, or the shared experts (`reduce=False`: the MoE does the one all-reduce)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, group: GroupHandle,
+                 reduce: bool = True):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, group)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group, reduce=reduce)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, topk_method: str, num_groups: int,
+                   topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] fp32 -> (topk_weights [T, K] fp32, topk_ids [T, K] int64).
+
+    Softmax scores; group-limited: only experts of the `topk_group` groups with the highest best
+    score compete. DeepSeek-V2's rule: with norm_topk_prob (and K > 1) the K weights are
+    renormalized to sum 1, otherwise they are multiplied by routed_scaling_factor.
+    """
+    scores = router_logits.softmax(dim=-1, dtype=torch.float32)  # [T, E]
+    if topk_method == "group_limited_greedy":
+        grouped = scores.unflatten(-1, (num_groups, -1))  # [T, G, E/G]
+        best_groups = grouped.amax(dim=-1).topk(topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+        scores = grouped.masked_fill(~keep[..., None], 0.0).flatten(1)
+    topk_weights, topk_ids = scores.topk(top_k, dim=-1, sorted=False)
+    if norm_topk_prob and top_k > 1:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        topk_weights = topk_weights * routed_scaling_factor
+    return topk_weights, topk_ids
+
+
+def _can_use_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned strides and pointers (and bf16 on CUDA)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if a.device.type == "cuda" and (a.dtype != torch.bfloat16
+                                    or torch.cuda.get_device_capability(a.device) < (8, 0)):
+        return False
+    for t in (a, b):
+        if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride() if s != 1):
+            return False
+    return True
+
+
+def _grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of a [P, K] sorted by group; b [G, K, N]; group g owns rows [offs[g-1], offs[g]).
+    Rows past offs[-1] are left unspecified."""
+    if _can_use_grouped_mm(a, b):
+        return torch._grouped_mm(a, b, offs=offs)
+    out = a.new_zeros(a.shape[0], b.shape[-1])  # [P, N]
+    start = 0
+    for group, end in enumerate(offs.tolist()):  # one host sync for all groups
+        if end > start:
+            torch.mm(a[start:end], b[group], out=out[start:end])
+        start = end
+    return out
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k].
+
+    x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, K] indexes w13,
+    -1 = an expert held elsewhere (skipped); topk_weights [T, K]. Returns [T, H] in x's dtype,
+    accumulated in fp32. Token-expert pairs are sorted by expert: one matmul per expert.
+    """
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    flat_ids = topk_ids.reshape(-1)  # [P]
+    valid = flat_ids >= 0
+    sort_key = torch.where(valid, flat_ids, num_experts)  # skipped pairs sort last
+    order = torch.argsort(sort_key, stable=True)  # [P]
+    experts = torch.arange(num_experts, device=x.device, dtype=sort_key.dtype)
+    offs = torch.searchsorted(sort_key[order], experts, right=True, out_int32=True)  # [E] ends
+    token_of_pair = order // top_k  # [P]
+
+    gate_up = _grouped_matmul(x[token_of_pair], w13.transpose(1, 2), offs)  # [P, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)
+    pair_out = _grouped_matmul(F.silu(gate) * up, w2.transpose(1, 2), offs)  # [P, H]
+    pair_weight = topk_weights.reshape(-1)[order].float()[:, None]  # [P, 1]
+    pair_out = torch.where(valid[order][:, None], pair_out.float() * pair_weight, 0.0)
+    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token_of_pair, pair_out).to(x.dtype)
+
+
+class FusedExperts(nn.Module):
+    """This rank's routed experts: w13 [E_local, 2*I_local, H], w2 [E_local, H, I_local].
+    TP: every expert, a 1/tp slice of I. EP: experts [r*E/tp, (r+1)*E/tp), whole."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 group: GroupHandle, expert_parallel: bool):
+        super().__init__()
+        split_what, split_size = ("n_routed_experts", num_experts) if expert_parallel else (
+            "moe_intermediate_size", intermediate_size)
+        if split_size % group.size:
+            raise RunnerError(f"{split_what}={split_size} must be divisible by parallel.tp="
+                              f"{group.size}")
+        self.num_local_experts = num_experts // group.size if expert_parallel else num_experts
+        self.expert_start = group.rank * self.num_local_experts if expert_parallel else 0
+        self.local_intermediate = intermediate_size if expert_parallel else (
+            intermediate_size // group.size)
+        self.intermediate_start = 0 if expert_parallel else group.rank * self.local_intermediate
+        local_i = self.local_intermediate
+        self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * local_i, hidden_size),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, local_i),
+                               requires_grad=False)
+
+    def is_local(self, expert_id: int) -> bool:
+        return 0 <= expert_id - self.expert_start < self.num_local_experts
+
+    def load_expert(self, expert_id: int, proj: str, full: torch.Tensor) -> None:
+        """Copy this rank's part of checkpoint tensor `proj` ("gate", "up" or "down") of a local
+        expert: gate/up [I, H] -> rows of w13, down [H, I] -> w2."""
+        local = expert_id - self.expert_start
+        start, size = self.intermediate_start, self.local_intermediate
+        if proj == "down":
+            self.w2.data[local].copy_(full.narrow(1, start, size))
+        else:
+            rows = self.w13.data[local].narrow(0, 0 if proj == "gate" else size, size)
+            rows.copy_(full.narrow(0, start, size))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        """Partial sum over this rank's experts (or slices); topk_ids are global expert ids."""
+        local_ids = topk_ids - self.expert_start
+        local_ids = local_ids.masked_fill((local_ids < 0) | (local_ids >= self.num_local_experts),
+                                          -1)
+        return fused_moe(x, self.w13, self.w2, local_ids, topk_weights)
+
+
+class DeepseekMoE(nn.Module):
+    """Router (`gate`, replicated, computed in fp32), routed `experts`, `shared_experts`."""
+
+    def __init__(self, config, group: GroupHandle, expert_parallel: bool):
+        super().__init__()
+        if config.topk_method not in TOPK_METHODS:
+            raise RunnerError(f"topk_method={config.topk_method!r}: allowed {TOPK_METHODS}")
+        if config.topk_method == "group_limited_greedy" and (
+                not config.n_group or config.n_routed_experts % config.n_group):
+            raise RunnerError(f"n_group={config.n_group} must divide n_routed_experts="
+                              f"{config.n_routed_experts} for group_limited_greedy")
+        self.config = config
+        self.group = group
+        self.gate = ReplicatedLinear(config.hidden_size, config.n_routed_experts)
+        self.experts = FusedExperts(config.n_routed_experts, config.hidden_size,
+                                    config.moe_intermediate_size, group, expert_parallel)
+        self.shared_experts = GatedMLP(
+            config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, group,
+            reduce=False) if config.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H], summed over ranks."""
+        c = self.config
+        router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
+        topk_weights, topk_ids = select_experts(
+            router_logits, c.num_experts_per_tok, c.topk_method, c.n_group, c.topk_group,
+            bool(c.norm_topk_prob), c.routed_scaling_factor)
+        out = self.experts(x, topk_ids, topk_weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return self.group.all_reduce(out)

@@ -1,0 +1,146 @@
+"""Runner: owns one rank's components; `step()` runs one scheduled batch, `generate()` runs
+requests to completion.
+
+Keep this file small and stable: a feature that only some runs need lives in its own module
+and is called from here, not written here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from runner.errors import RequestError, RunnerError
+from runner.forward_context import ForwardContext
+from runner.kv_cache import BlockAllocator, allocate_kv_caches
+from runner.request import Request, RequestOutput, SamplingParams, TokenEvent
+from runner.sampler import sample
+from runner.scheduler import ScheduledBatch, Scheduler, cdiv
+from runner.step_inputs import DecodeBuffers, StepInputs, prefill_inputs
+
+
+class Runner:
+    def __init__(self, model, attention, block_table, plan, graph, num_blocks: int,
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 device: torch.device, kv_dtype: torch.dtype, eos_token_ids: Sequence[int] = (),
+                 tokenizer=None):
+        self.model = model
+        self.attention = attention
+        self.block_table = block_table
+        self.plan = plan
+        self.graph = graph
+        self.device = device
+        self.kv_dtype = kv_dtype
+        self.weights_source = "dummy (random, seeded)"
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.tokenizer = tokenizer
+        self.vocab_size = model.config.vocab_size
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_caches(attention, model.kv_cache_spec(), model.num_layers,
+                                            num_blocks, block_table.block_size, kv_dtype, device)
+        self.max_num_blocks = cdiv(max_model_len, block_table.virtual_block_size)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_table.virtual_block_size,
+                                   max_num_seqs, max_num_batched_tokens, max_model_len)
+        self.decode_buffers = DecodeBuffers(max_num_seqs, self.max_num_blocks,
+                                            block_table.max_local_len(max_model_len), device)
+        self.requests: dict[int, Request] = {}
+        self._next_req_id = 0
+        self.graph.capture(self._forward, self.decode_buffers)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the cache holds over the DCP group (num_blocks * block_size * dcp)."""
+        return self.num_blocks * self.block_table.virtual_block_size
+
+    # --- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Queue a request; an invalid one is finished at once with its error."""
+        request = Request(self._next_req_id, list(prompt_token_ids), params)
+        self._next_req_id += 1
+        self.requests[request.req_id] = request
+        try:
+            self._validate(request)
+        except RequestError as e:
+            request.error = str(e)
+            self.scheduler.finish(request, "error")
+            return request.req_id
+        self.scheduler.add(request)
+        return request.req_id
+
+    def _validate(self, request: Request) -> None:
+        tokens = request.prompt_token_ids
+        if not tokens:
+            raise RequestError("empty prompt: a prompt needs at least one token")
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(tokens) >= self.max_model_len:
+            raise RequestError(f"prompt of {len(tokens)} tokens leaves no room to generate: "
+                               f"max_model_len is {self.max_model_len}")
+        if not self.scheduler.fits_alone(request):
+            raise RequestError("request cannot fit in the KV cache even alone")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def output(self, req_id: int) -> RequestOutput:
+        r = self.requests[req_id]
+        text = self.tokenizer.decode(r.output_token_ids) if self.tokenizer else None
+        return RequestOutput(r.req_id, r.prompt_token_ids, list(r.output_token_ids),
+                             r.finish_reason or "length", r.error, text)
+
+    # --- one step ---------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """Schedule and run one batch; return the token each scheduled request got."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        hidden, inputs = self._run(batch)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices[:len(batch.requests)]])
+        tokens, logprobs = sample(logits, [r.params for r in batch.requests],
+                                  [r.req_id for r in batch.requests],
+                                  [len(r.output_token_ids) for r in batch.requests])
+        return [self._append(r, t, lp) for r, t, lp in zip(batch.requests, tokens, logprobs)]
+
+    def _run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs]:
+        if batch.is_prefill:
+            inputs = prefill_inputs(batch.requests, self.block_table, self.max_num_blocks,
+                                    self.device)
+            return self._forward(inputs), inputs
+        num_padded = self.graph.padded_size(len(batch.requests))
+        self.decode_buffers.fill(batch.requests, num_padded, self.block_table)
+        max_len = (self.decode_buffers.max_local_seq_len if self.graph.uses_static_max_len else
+                   self.block_table.max_local_len(max(r.num_tokens for r in batch.requests)))
+        inputs = self.decode_buffers.inputs(num_padded, max_len)
+        return self.graph.replay(inputs), inputs
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        ctx = ForwardContext(inputs.meta, self.kv_caches, self.attention)
+        with torch.inference_mode():
+            return self.model(inputs.input_ids, inputs.positions, ctx)
+
+    def _append(self, request: Request, token: int, logprob: float) -> TokenEvent:
+        request.output_token_ids.append(token)
+        request.logprobs.append(logprob)
+        reason = None
+        if token in self.eos_token_ids and not request.params.ignore_eos:
+            reason = "stop"
+        elif (len(request.output_token_ids) >= request.params.max_tokens
+              or request.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason:
+            self.scheduler.finish(request, reason)
+        return TokenEvent(request.req_id, token, reason is not None, reason)
+
+    # --- whole runs -------------------------------------------------------------------------
+    def generate(self, prompt_token_ids: list[list[int]], max_tokens: int = 16,
+                 params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in input order."""
+        params = params or SamplingParams(max_tokens=max_tokens)
+        if params.max_tokens <= 0:
+            raise RunnerError(f"max_tokens={params.max_tokens}: must be >= 1")
+        ids = [self.add_request(p, params) for p in prompt_token_ids]
+        while self.has_unfinished():
+            self.step()
+        return [self.output(i) for i in ids]

@@ -1,0 +1,46 @@
+"""Token sampling: greedy, temperature, top-k, top-p. Random draws are keyed by
+(seed, request index, output index), so a token never depends on batching, preemption or the
+parallel layout."""
+from __future__ import annotations
+
+import torch
+
+from runner.request import SamplingParams
+
+
+def _draw(seed: int, req_id: int, output_index: int) -> float:
+    """A uniform number in [0, 1) that depends only on its key."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + req_id) * 1_000_003 + output_index)
+    return float(torch.rand((), generator=generator, dtype=torch.float64))
+
+
+def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[V] fp32 logits -> [V] fp64 probabilities after temperature, top-k and top-p."""
+    logits = logits.double() / params.temperature
+    if 0 < params.top_k < logits.shape[0]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, 0) - sorted_probs  # mass of better tokens
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return probs / probs.sum()
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], req_ids: list[int],
+           output_indices: list[int]) -> tuple[list[int], list[float]]:
+    """logits [R, V] fp32 -> (token per row, its log-probability under the unfiltered model)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    tokens = torch.argmax(logits, dim=-1).tolist()
+    for row, p in enumerate(params):
+        if p.temperature <= 0:
+            continue
+        probs = _filtered_probs(logits[row].cpu(), p)
+        u = _draw(p.seed, req_ids[row], output_indices[row])
+        cdf = torch.cumsum(probs, 0)
+        tokens[row] = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype))),
+                          probs.shape[0] - 1)
+    chosen = torch.tensor(tokens, device=logits.device).unsqueeze(1)
+    return tokens, logprobs.gather(1, chosen).squeeze(1).tolist()

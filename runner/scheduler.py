@@ -1,0 +1,132 @@
+"""Continuous batching: admit waiting requests, prefill them, decode the running ones, preempt by
+recompute when blocks run out. Decisions depend only on the calls made (no clock, no hash
+order), so every rank that makes the same calls schedules the same batches."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from runner.kv_cache import BlockAllocator
+from runner.request import Request, Status
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class ScheduledBatch:
+    """One step: all requests prefill their full token list, or all decode one token."""
+
+    is_prefill: bool
+    requests: list[Request]
+    num_preempted: int = 0  # requests preempted while building this batch
+
+
+@dataclass
+class StepLog:
+    """What happened, for tests and the run summary."""
+
+    num_prefill_steps: int = 0
+    num_decode_steps: int = 0
+    num_preemptions: int = 0
+    joined_while_decoding: int = 0  # prefills admitted while other requests were running
+    events: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, virtual_block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int):
+        self.allocator = allocator
+        self.virtual_block_size = virtual_block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.log = StepLog()
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def max_tokens_of(self, request: Request) -> int:
+        """The most tokens the request can ever hold in the cache."""
+        return min(len(request.prompt_token_ids) + request.params.max_tokens, self.max_model_len)
+
+    def fits_alone(self, request: Request) -> bool:
+        need = cdiv(self.max_tokens_of(request), self.virtual_block_size)
+        return need <= self.allocator.num_blocks
+
+    def schedule(self) -> ScheduledBatch | None:
+        prefill = self._admit()
+        if prefill:
+            return ScheduledBatch(True, prefill)
+        if not self.running:
+            return None
+        num_preempted = self._reserve_decode_slots()
+        self.log.num_decode_steps += 1
+        return ScheduledBatch(False, list(self.running), num_preempted)
+
+    def _admit(self) -> list[Request]:
+        batch: list[Request] = []
+        num_tokens = 0
+        was_running = bool(self.running)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if num_tokens + request.num_tokens > self.max_num_batched_tokens and batch:
+                break
+            block_ids = self.allocator.allocate(cdiv(request.num_tokens, self.virtual_block_size))
+            if block_ids is None:
+                break
+            self.waiting.popleft()
+            request.block_ids = block_ids
+            request.status = Status.RUNNING
+            self.running.append(request)
+            batch.append(request)
+            num_tokens += request.num_tokens
+        if batch:
+            self.log.num_prefill_steps += 1
+            if was_running:
+                self.log.joined_while_decoding += len(batch)
+        return batch
+
+    def _reserve_decode_slots(self) -> int:
+        """Give every running request room for one more token, preempting the newest
+        requests (by recompute) while blocks run out."""
+        num_preempted = 0
+        i = 0
+        while i < len(self.running):
+            request = self.running[i]
+            need = cdiv(request.num_tokens, self.virtual_block_size) - len(request.block_ids)
+            if need <= 0:
+                i += 1
+                continue
+            new_ids = self.allocator.allocate(need)
+            if new_ids is not None:
+                request.block_ids.extend(new_ids)
+                i += 1
+                continue
+            self._preempt(self.running[-1])
+            num_preempted += 1
+        return num_preempted
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.allocator.free(request.block_ids)
+        request.block_ids = []
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self.log.num_preemptions += 1
+        self.log.events.append(f"preempt {request.req_id} at {request.num_tokens} tokens")
+
+    def finish(self, request: Request, reason: str) -> None:
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        if request in self.running:
+            self.running.remove(request)
+        self.allocator.free(request.block_ids)
+        request.block_ids = []

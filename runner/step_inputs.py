@@ -1,0 +1,100 @@
+"""Step inputs: persistent decode buffers (safe to capture in a CUDA graph: every step rewrites
+them in full, padding rows get slot -1 and length 0) and per-step prefill tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runner.forward_context import AttentionMetadata
+from runner.request import Request
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [R] int64: the token whose logits each request samples from
+
+
+def _block_rows(requests: list[Request], max_num_blocks: int) -> torch.Tensor:
+    rows = torch.zeros(len(requests), max_num_blocks, dtype=torch.int32)  # [R, max_blocks]
+    for i, request in enumerate(requests):
+        rows[i, :len(request.block_ids)] = torch.tensor(request.block_ids, dtype=torch.int32)
+    return rows
+
+
+def prefill_inputs(requests: list[Request], block_table, max_num_blocks: int,
+                   device: torch.device) -> StepInputs:
+    """Every request's whole token list (prompt, plus outputs when recomputing after preemption)."""
+    token_ids, positions, req_indices, starts = [], [], [], [0]
+    for i, request in enumerate(requests):
+        tokens = request.all_token_ids
+        token_ids += tokens
+        positions += range(len(tokens))
+        req_indices += [i] * len(tokens)
+        starts.append(starts[-1] + len(tokens))
+    seq_lens = torch.tensor([r.num_tokens for r in requests], dtype=torch.int32, device=device)
+    rows = _block_rows(requests, max_num_blocks).to(device)
+    positions_t = torch.tensor(positions, dtype=torch.int64, device=device)
+    slots = block_table.slot_mapping(
+        positions_t, torch.tensor(req_indices, dtype=torch.int32, device=device), rows)
+    meta = AttentionMetadata(
+        is_prefill=True, slot_mapping=slots,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        query_start_loc_cpu=starts, seq_lens=seq_lens,
+        local_seq_lens=block_table.local_seq_lens(seq_lens), block_table=rows,
+        max_local_seq_len=block_table.max_local_len(max(r.num_tokens for r in requests)))
+    return StepInputs(torch.tensor(token_ids, dtype=torch.int64, device=device), positions_t,
+                      meta, meta.query_start_loc[1:].long() - 1)
+
+
+class DecodeBuffers:
+    """Persistent inputs of a decode step for up to `max_num_reqs` requests."""
+
+    def __init__(self, max_num_reqs: int, max_num_blocks: int, max_local_seq_len: int,
+                 device: torch.device):
+        self.max_num_reqs = max_num_reqs
+        self.max_local_seq_len = max_local_seq_len  # static bound used when graphs replay
+        self.input_ids = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)  # [Rmax]
+        self.positions = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)  # [Rmax]
+        self.req_indices = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)  # [Rmax]
+        self.seq_lens = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)  # [Rmax]
+        self.local_seq_lens = torch.zeros_like(self.seq_lens)  # [Rmax]
+        self.slot_mapping = torch.full((max_num_reqs,), -1, dtype=torch.int64, device=device)
+        self.block_table = torch.zeros(max_num_reqs, max_num_blocks, dtype=torch.int32,
+                                       device=device)  # [Rmax, max_blocks]
+        self.query_start_loc = torch.arange(max_num_reqs + 1, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(max_num_reqs, dtype=torch.int64, device=device)
+
+    def fill(self, requests: list[Request], num_padded: int, block_table) -> None:
+        """Rewrite rows [0, num_padded): real requests first, then padding rows."""
+        n = len(requests)
+        host_ids = torch.tensor([r.all_token_ids[-1] for r in requests], dtype=torch.int64)
+        host_lens = torch.zeros(num_padded, dtype=torch.int32)
+        host_lens[:n] = torch.tensor([r.num_tokens for r in requests], dtype=torch.int32)
+        host_req = torch.full((num_padded,), -1, dtype=torch.int32)
+        host_req[:n] = torch.arange(n, dtype=torch.int32)
+        self.input_ids[:n].copy_(host_ids, non_blocking=True)
+        self.input_ids[n:num_padded] = 0
+        self.seq_lens[:num_padded].copy_(host_lens, non_blocking=True)
+        self.positions[:num_padded].copy_((host_lens - 1).clamp(min=0), non_blocking=True)
+        self.req_indices[:num_padded].copy_(host_req, non_blocking=True)
+        self.block_table[:num_padded].zero_()
+        self.block_table[:n].copy_(_block_rows(requests, self.block_table.shape[1]),
+                                   non_blocking=True)
+        self.slot_mapping[:num_padded] = block_table.slot_mapping(
+            self.positions[:num_padded], self.req_indices[:num_padded],
+            self.block_table[:num_padded])
+        self.local_seq_lens[:num_padded] = block_table.local_seq_lens(self.seq_lens[:num_padded])
+
+    def inputs(self, num_padded: int, max_local_seq_len: int) -> StepInputs:
+        meta = AttentionMetadata(
+            is_prefill=False, slot_mapping=self.slot_mapping[:num_padded],
+            query_start_loc=self.query_start_loc[:num_padded + 1],
+            query_start_loc_cpu=list(range(num_padded + 1)),
+            seq_lens=self.seq_lens[:num_padded], local_seq_lens=self.local_seq_lens[:num_padded],
+            block_table=self.block_table[:num_padded], max_local_seq_len=max_local_seq_len)
+        return StepInputs(self.input_ids[:num_padded], self.positions[:num_padded], meta,
+                          self.logits_indices[:num_padded])

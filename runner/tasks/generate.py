@@ -1,0 +1,69 @@
+"""task=generate: run prompts to completion, show a table, write the outputs as JSON."""
+from __future__ import annotations
+
+import json
+import time
+
+from runner.console import RequestProgress, print_table
+from runner.errors import RunnerError
+from runner.request import SamplingParams
+from runner.tasks.prompts import resolve_prompts
+
+
+class GenerateTask:
+    def __init__(self, prompts=None, prompt_token_ids=None, prompts_file=None, max_tokens: int = 16,
+                 ignore_eos: bool = False, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, output: str | None = None):
+        if max_tokens <= 0:
+            raise RunnerError(f"task.max_tokens={max_tokens}: must be >= 1")
+        if temperature < 0:
+            raise RunnerError(f"task.temperature={temperature}: must be >= 0 (0 = greedy)")
+        if top_k < 0:
+            raise RunnerError(f"task.top_k={top_k}: must be >= 0 (0 = off)")
+        if not 0 < top_p <= 1:
+            raise RunnerError(f"task.top_p={top_p}: must be in (0, 1]")
+        self.prompts, self.prompt_token_ids, self.prompts_file = prompts, prompt_token_ids, prompts_file
+        self.params = SamplingParams(max_tokens, temperature, top_k, top_p, seed, ignore_eos)
+        self.output = output
+
+    def run(self, runner) -> dict:
+        token_ids, texts = resolve_prompts(self.prompts, self.prompt_token_ids, self.prompts_file,
+                                           runner.tokenizer, runner.vocab_size, self.params.seed)
+        driver = runner.plan.is_driver
+        progress = RequestProgress(len(token_ids), "generate", enabled=driver)
+        start = time.perf_counter()
+        ids = [runner.add_request(p, self.params) for p in token_ids]
+        num_tokens = 0
+        while runner.has_unfinished():
+            events = runner.step()
+            num_tokens += len(events)
+            progress.update(sum(e.finished for e in events), len(events))
+        elapsed = time.perf_counter() - start
+        progress.close()
+        outputs = [runner.output(i) for i in ids]
+        failed = [o for o in outputs if o.finish_reason == "error"]
+        if driver:
+            self._show(outputs, texts, runner, num_tokens, elapsed)
+            if self.output:
+                with open(self.output, "w", encoding="utf-8") as f:
+                    json.dump({"outputs": [o.to_json() for o in outputs]}, f, indent=1)
+        return {"num_requests": len(outputs), "failed_requests": len(failed),
+                "output_tokens": num_tokens, "duration_s": elapsed,
+                "output_throughput": num_tokens / max(elapsed, 1e-9),
+                "kv_capacity_tokens": runner.kv_capacity_tokens,
+                "exit_code": 1 if failed else 0}
+
+    def _show(self, outputs, texts, runner, num_tokens: int, elapsed: float) -> None:
+        rows = []
+        for i, o in enumerate(outputs):
+            prompt = texts[i] if texts else str(o.prompt_token_ids)
+            result = o.text if o.text is not None else str(o.token_ids)
+            rows.append([i, _short(prompt), _short(result) if not o.error else f"error: {o.error}",
+                         o.finish_reason])
+        title = (f"{len(outputs)} requests, {num_tokens} tokens in {elapsed:.2f} s "
+                 f"({num_tokens / max(elapsed, 1e-9):.1f} tok/s)")
+        print_table(title, ["#", "prompt", "output", "finish"], rows)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."

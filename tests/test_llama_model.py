@@ -1,0 +1,285 @@
+"""The Llama/Qwen2 GQA model against transformers' LlamaForCausalLM and Qwen2ForCausalLM with the
+same (randomized, saved and reloaded) weights: checkpoint names, prefill and paged-decode logits,
+tensor-parallel shards, loading errors, and the Qwen2.5-1.5B shapes on the meta device."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, Qwen2Config
+from transformers import LlamaForCausalLM as HFLlamaForCausalLM
+from transformers import Qwen2ForCausalLM as HFQwen2ForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from runner.attention.torch_ref import TorchAttention
+from runner.distributed import GroupHandle
+from runner.errors import RunnerError
+from runner.forward_context import AttentionMetadata, ForwardContext
+from runner.models.layers.rope import RotaryEmbedding, rope_inv_freq
+from runner.models.llama import LlamaForCausalLM, checkpoint_shapes
+from runner.parallel.plan import ParallelPlan
+
+BLOCK_SIZE = 16
+PROMPT_LENGTHS = [1, 7, 40, 203]
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2,
+            max_position_embeddings=512, attn_implementation="eager")
+CONFIGS = {
+    "llama_bias_llama3": lambda: LlamaConfig(
+        **TINY, vocab_size=101, num_attention_heads=4, head_dim=24, attention_bias=True,
+        mlp_bias=True, rms_norm_eps=1e-5, rope_parameters=dict(LLAMA3_ROPE)),
+    "llama_nobias": lambda: LlamaConfig(
+        **TINY, vocab_size=101, num_attention_heads=8, head_dim=12, attention_bias=False,
+        rms_norm_eps=3e-5, rope_theta=5000.0),
+    "qwen2_tied": lambda: Qwen2Config(
+        **TINY, vocab_size=100, num_attention_heads=4, head_dim=32, rms_norm_eps=1e-5,
+        rope_theta=1e6, tie_word_embeddings=True),
+    "qwen2_untied": lambda: Qwen2Config(
+        **TINY, vocab_size=100, num_attention_heads=8, rms_norm_eps=2e-6, rope_theta=20000.0,
+        tie_word_embeddings=False),
+}
+
+
+def _randomize(hf_model: torch.nn.Module) -> None:
+    """Every parameter random: norms around 1, biases around 0 (init leaves them exactly 1, 0)."""
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            elif "embed_tokens" in name:
+                param.normal_(0, 0.5)
+            else:
+                param.normal_(0, 0.1)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    """(config, transformers model, {hf name: tensor} read back from save_pretrained)."""
+    torch.manual_seed(0)
+    config = CONFIGS[request.param]()
+    hf_class = HFQwen2ForCausalLM if config.model_type == "qwen2" else HFLlamaForCausalLM
+    hf_model = hf_class(config).eval()
+    _randomize(hf_model)
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(path)
+    return config, hf_model, load_file(path / "model.safetensors")
+
+
+def _load(config, weights: dict, plan: ParallelPlan | None = None) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(config, plan or ParallelPlan())
+    model.load_weights(weights.items())
+    return model
+
+
+def _hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([token_ids])).logits[0].float()  # [L, V]
+
+
+class PagedBatch:
+    """Requests laid out in a paged KV cache with a shuffled block table (block_size 16)."""
+
+    def __init__(self, model: LlamaForCausalLM, max_lengths: list[int], num_blocks: int = 64):
+        spec = model.kv_cache_spec()
+        shape = (num_blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_size)
+        # garbage, not zeros: a slot read before it is written changes the result
+        self.kv_caches = [(torch.randn(shape), torch.randn(shape)) for _ in range(model.num_layers)]
+        blocks_per_req = [math.ceil(n / BLOCK_SIZE) for n in max_lengths]
+        ids = torch.randperm(num_blocks)[:sum(blocks_per_req)].split(blocks_per_req)
+        self.block_table = torch.zeros(len(max_lengths), max(blocks_per_req), dtype=torch.int32)
+        for row, req_ids in enumerate(ids):
+            self.block_table[row, :len(req_ids)] = req_ids
+
+    def context(self, seq_lens: list[int], num_new: list[int]) -> tuple[torch.Tensor,
+                                                                         ForwardContext]:
+        """Positions [T] and the context of a step where request r adds its last num_new[r]."""
+        positions = torch.cat([torch.arange(n_all - n, n_all) for n_all, n in zip(seq_lens, num_new)])
+        req_of_token = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(num_new))
+        block = self.block_table[req_of_token, positions // BLOCK_SIZE].long()
+        starts = [0]
+        for n in num_new:
+            starts.append(starts[-1] + n)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        meta = AttentionMetadata(
+            is_prefill=seq_lens == num_new, slot_mapping=block * BLOCK_SIZE + positions % BLOCK_SIZE,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32), query_start_loc_cpu=starts,
+            seq_lens=lens, local_seq_lens=lens, block_table=self.block_table,
+            max_local_seq_len=max(seq_lens))
+        return positions, ForwardContext(meta, self.kv_caches, TorchAttention())
+
+
+def _prompts(vocab_size: int) -> list[list[int]]:
+    return [torch.randint(vocab_size, (n,)).tolist() for n in PROMPT_LENGTHS]
+
+
+def _prefill(model, batch: PagedBatch, prompts: list[list[int]]) -> torch.Tensor:
+    lengths = [len(p) for p in prompts]
+    positions, ctx = batch.context(lengths, lengths)
+    with torch.no_grad():
+        return model.compute_logits(model(torch.tensor(sum(prompts, [])), positions, ctx))
+
+
+def test_checkpoint_shapes_equal_save_pretrained(checkpoint):
+    config, _, weights = checkpoint
+    assert checkpoint_shapes(config) == {name: tuple(t.shape) for name, t in weights.items()}
+
+
+def test_prefill_logits_match_transformers(checkpoint):
+    config, hf_model, weights = checkpoint
+    torch.manual_seed(1)
+    model = _load(config, weights)
+    prompts = _prompts(config.vocab_size)
+    logits = _prefill(model, PagedBatch(model, PROMPT_LENGTHS), prompts)  # [T, V]
+    assert logits.dtype == torch.float32
+    expected = torch.cat([_hf_logits(hf_model, p) for p in prompts])
+    assert logits.shape == expected.shape
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def test_decode_step_matches_transformers(checkpoint):
+    config, hf_model, weights = checkpoint
+    torch.manual_seed(2)
+    model = _load(config, weights)
+    prompts = _prompts(config.vocab_size)
+    batch = PagedBatch(model, [n + 1 for n in PROMPT_LENGTHS])
+    _prefill(model, batch, prompts)
+    next_ids = torch.randint(config.vocab_size, (len(prompts),))
+    positions, ctx = batch.context([n + 1 for n in PROMPT_LENGTHS], [1] * len(prompts))
+    assert not ctx.attn_meta.is_prefill
+    with torch.no_grad():
+        logits = model.compute_logits(model(next_ids, positions, ctx))  # [R, V]
+    expected = torch.stack([_hf_logits(hf_model, p + [t])[-1]
+                            for p, t in zip(prompts, next_ids.tolist())])
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def _head_rows(full: torch.Tensor, heads: list[int], head_dim: int, dim: int = 0) -> torch.Tensor:
+    return torch.cat([full.narrow(dim, h * head_dim, head_dim) for h in heads], dim=dim)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_each_tp_rank_loads_its_slices(checkpoint, tp):
+    """No processes: each rank's plan is set by hand and its shards are compared with slices of
+    the full tensors, derived from GQA's rule (query head h reads KV head h // group)."""
+    config, _, weights = checkpoint
+    num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = model_head_dim = getattr(config, "head_dim", None) or 64 // num_heads
+    inter, vocab = config.intermediate_size, config.vocab_size
+    local_vocab = -(-vocab // tp)
+    for rank in range(tp):
+        plan = ParallelPlan(tp=tp)
+        plan.tp = GroupHandle(size=tp, rank=rank)
+        model = _load(config, weights, plan)
+        q_heads = list(range(rank * num_heads // tp, (rank + 1) * num_heads // tp))
+        kv_heads = sorted({h // (num_heads // num_kv_heads) for h in q_heads})
+        assert model.kv_cache_spec().num_kv_heads == len(kv_heads)
+        assert model.kv_cache_spec().head_size == model_head_dim
+        inter_rows = slice(rank * inter // tp, (rank + 1) * inter // tp)
+        for i, layer in enumerate(model.model.layers):
+            def w(name):
+                return weights[f"model.layers.{i}.{name}"]
+            for leaf in ("weight", "bias"):
+                if f"model.layers.{i}.self_attn.q_proj.{leaf}" not in weights:
+                    continue
+                expect_qkv = torch.cat([_head_rows(w(f"self_attn.q_proj.{leaf}"), q_heads, head_dim),
+                                        _head_rows(w(f"self_attn.k_proj.{leaf}"), kv_heads, head_dim),
+                                        _head_rows(w(f"self_attn.v_proj.{leaf}"), kv_heads, head_dim)])
+                assert torch.equal(getattr(layer.self_attn.qkv_proj, leaf), expect_qkv)
+                expect_gate_up = torch.cat([w(f"mlp.gate_proj.{leaf}")[inter_rows],
+                                            w(f"mlp.up_proj.{leaf}")[inter_rows]]) \
+                    if f"model.layers.{i}.mlp.gate_proj.{leaf}" in weights else None
+                if expect_gate_up is not None:
+                    assert torch.equal(getattr(layer.mlp.gate_up_proj, leaf), expect_gate_up)
+            assert torch.equal(layer.self_attn.o_proj.weight,
+                               _head_rows(w("self_attn.o_proj.weight"), q_heads, head_dim, dim=1))
+            assert torch.equal(layer.mlp.down_proj.weight, w("mlp.down_proj.weight")[:, inter_rows])
+            for name, param in [("self_attn.o_proj.bias", layer.self_attn.o_proj.bias),
+                                ("mlp.down_proj.bias", layer.mlp.down_proj.bias),
+                                ("input_layernorm.weight", layer.input_layernorm.weight),
+                                ("post_attention_layernorm.weight",
+                                 layer.post_attention_layernorm.weight)]:
+                assert (param is None) == (f"model.layers.{i}.{name}" not in weights)
+                if param is not None:
+                    assert torch.equal(param, w(name))
+        head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        for param, name in [(model.model.embed_tokens.weight, "model.embed_tokens.weight"),
+                            (model.lm_head.weight, head_name)]:
+            expect = torch.zeros(local_vocab, config.hidden_size)
+            rows = weights[name][rank * local_vocab:(rank + 1) * local_vocab]
+            expect[:rows.shape[0]] = rows
+            assert torch.equal(param, expect)
+
+
+def test_load_weights_errors_name_the_tensor(checkpoint):
+    config, _, weights = checkpoint
+    with pytest.raises(RunnerError, match=r"model\.layers\.0\.self_attn\.qkv\.weight"):
+        _load(config, {**weights, "model.layers.0.self_attn.qkv.weight": torch.zeros(3)})
+    missing = dict(weights)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(RunnerError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        _load(config, missing)
+    bad = {**weights, "model.layers.1.self_attn.k_proj.weight":
+           weights["model.layers.1.self_attn.k_proj.weight"][:-1]}
+    shape = tuple(weights["model.layers.1.self_attn.k_proj.weight"].shape)
+    with pytest.raises(RunnerError, match=rf"k_proj\.weight.*{shape[0] - 1}, {shape[1]}.*{shape}"):
+        _load(config, bad)
+    if config.tie_word_embeddings:
+        with pytest.raises(RunnerError, match="lm_head.weight"):
+            _load(config, {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]})
+
+
+def test_config_errors_name_the_field():
+    config = LlamaConfig(**TINY, vocab_size=101, num_attention_heads=4,
+                         rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})
+    with pytest.raises(RunnerError, match=r"rope_parameters\.rope_type='linear'"):
+        LlamaForCausalLM(config, ParallelPlan())
+    with pytest.raises(RunnerError, match=r"parallel\.tp=3.*num_attention_heads"):
+        LlamaForCausalLM(CONFIGS["llama_nobias"](), ParallelPlan(tp=3))
+
+
+@pytest.mark.parametrize("rope_parameters", [{"rope_type": "default", "rope_theta": 5000.0},
+                                             LLAMA3_ROPE])
+def test_rope_cache_matches_transformers(rope_parameters):
+    config = LlamaConfig(**TINY, vocab_size=101, num_attention_heads=4, head_dim=24,
+                         rope_parameters=dict(rope_parameters))
+    rope_type = rope_parameters["rope_type"]
+    init = (LlamaRotaryEmbedding.compute_default_rope_parameters if rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[rope_type])
+    assert torch.equal(rope_inv_freq(config.rope_parameters, 24), init(config)[0])
+    positions = torch.arange(512)
+    cos, sin = RotaryEmbedding(config.rope_parameters, 24, 512)(positions)  # [P, 12]
+    hf_cos, hf_sin = LlamaRotaryEmbedding(config)(torch.zeros(1), positions[None])  # [1, P, 24]
+    assert torch.allclose(torch.cat((cos, cos), -1), hf_cos[0], atol=1e-6)
+    assert torch.allclose(torch.cat((sin, sin), -1), hf_sin[0], atol=1e-6)
+
+
+def test_qwen25_1p5b_shapes_on_meta_device():
+    config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, ParallelPlan())
+        hf_model = HFQwen2ForCausalLM(config)
+    params = dict(model.named_parameters())
+    assert sum(p.numel() for p in params.values()) == 1_543_714_304  # Qwen2.5-1.5B's count
+    assert sum(p.numel() for p in hf_model.parameters()) == 1_543_714_304
+    assert checkpoint_shapes(config) == {n: tuple(p.shape) for n, p in hf_model.named_parameters()}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    layer = "model.layers.27."
+    assert params[layer + "self_attn.qkv_proj.weight"].shape == (1536 + 2 * 256, 1536)
+    assert params[layer + "self_attn.qkv_proj.bias"].shape == (2048,)
+    assert params[layer + "self_attn.o_proj.weight"].shape == (1536, 1536)
+    assert layer + "self_attn.o_proj.bias" not in params
+    assert params[layer + "mlp.gate_up_proj.weight"].shape == (2 * 8960, 1536)
+    assert params[layer + "mlp.down_proj.weight"].shape == (1536, 8960)
+    assert params["model.embed_tokens.weight"].shape == (151936, 1536)
+    assert model.num_layers == 28
+    spec = model.kv_cache_spec()
+    assert (spec.num_kv_heads, spec.head_size, spec.v_head_size, spec.shared) == (2, 128, 128, False)
+    assert model.model.rotary_emb.cos_sin_cache.shape == (32768, 128)
