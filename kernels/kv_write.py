@@ -21,9 +21,10 @@ def _write_kv_kernel(cache_ptr, slots_ptr, x_ptr, head_dim, block_size,
     offset = slot % block_size
     dst = cache_ptr + block * cache_stride_b + offset * cache_stride_o + head * cache_stride_h
     src = x_ptr + token * x_stride_t + head * x_stride_h
+    write_dim = tl.where(slot >= 0, head_dim, 0)  # nothing is written for a negative slot
     for d_start in range(0, head_dim, BLOCK_D):
         d = d_start + tl.arange(0, BLOCK_D)
-        mask = (d < head_dim) & (slot >= 0)
+        mask = d < write_dim
         row = tl.load(src + d * x_stride_d, mask=mask)
         tl.store(dst + d * cache_stride_d, row.to(cache_ptr.dtype.element_ty), mask=mask)
 

@@ -12,7 +12,8 @@ _MAX_BLOCK_D = 1024  # head-dim elements per loop step
 
 @triton.jit
 def _merged_lse(lses_ptr, row_offset, lse_stride_n, num_states, BLOCK_N: tl.constexpr):
-    """Per-part lse [BLOCK_N] (empty and padding parts -inf) and their logsumexp (-inf if empty).
+    """Per-part lse [BLOCK_N] (empty and padding parts -inf), their logsumexp (-inf if all are
+    empty) and the shift to weigh parts by, exp(lse_n - shift) (the lse, or 0 if it is -inf).
 
     lse = m + log(sum_n exp(lse_n - m)) with m = max_n lse_n, so nothing overflows.
     """
@@ -23,8 +24,8 @@ def _merged_lse(lses_ptr, row_offset, lse_stride_n, num_states, BLOCK_N: tl.cons
     lse_max = tl.max(lse_n, axis=0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     total = tl.sum(tl.exp(lse_n - lse_max), axis=0)
-    lse = tl.where(total > 0, lse_max + tl.log(total), float("-inf"))
-    return lse_n, lse
+    shift = lse_max + tl.log(tl.where(total > 0, total, 1.0))
+    return lse_n, tl.where(total > 0, shift, float("-inf")), shift
 
 
 @triton.jit
@@ -35,9 +36,9 @@ def _merge_states_kernel(outs_ptr, lses_ptr, out_ptr, merged_lse_ptr, num_states
     row = tl.program_id(0)
     token = (row // num_heads).to(tl.int64)
     head = (row % num_heads).to(tl.int64)
-    lse_n, lse = _merged_lse(lses_ptr, token * lse_stride_t + head * lse_stride_h, lse_stride_n,
-                             num_states, BLOCK_N)
-    weight = tl.where(lse_n == float("-inf"), 0.0, tl.exp(lse_n - lse))  # [BLOCK_N]
+    lse_n, lse, shift = _merged_lse(lses_ptr, token * lse_stride_t + head * lse_stride_h,
+                                    lse_stride_n, num_states, BLOCK_N)
+    weight = tl.exp(lse_n - shift)  # [BLOCK_N]; 0 for empty parts
     n = tl.arange(0, BLOCK_N).to(tl.int64)
     src = outs_ptr + token * outs_stride_t + head * outs_stride_h + n[:, None] * outs_stride_n
     for d_start in range(0, head_dim, BLOCK_D):
@@ -60,15 +61,16 @@ def _scale_own_kernel(out_ptr, lses_ptr, scaled_ptr, merged_lse_ptr, own_rank, n
     row = tl.program_id(0)
     token = (row // num_heads).to(tl.int64)
     head = (row % num_heads).to(tl.int64)
-    lse_n, lse = _merged_lse(lses_ptr, token * lse_stride_t + head * lse_stride_h, lse_stride_n,
-                             num_states, BLOCK_N)
+    lse_n, lse, shift = _merged_lse(lses_ptr, token * lse_stride_t + head * lse_stride_h,
+                                    lse_stride_n, num_states, BLOCK_N)
     own_lse = tl.max(tl.where(tl.arange(0, BLOCK_N) == own_rank, lse_n, float("-inf")), axis=0)
-    factor = tl.where(own_lse == float("-inf"), 0.0, tl.exp(own_lse - lse))
+    factor = tl.exp(own_lse - shift)  # 0 when this rank's part is empty
     src = out_ptr + token * out_stride_t + head * out_stride_h
+    read_dim = tl.where(factor > 0, head_dim, 0)  # nothing is read when the factor is 0
     for d_start in range(0, head_dim, BLOCK_D):
         d = d_start + tl.arange(0, BLOCK_D)
         d_mask = d < head_dim
-        own = tl.load(src + d * out_stride_d, mask=d_mask & (factor > 0), other=0.0)
+        own = tl.load(src + d * out_stride_d, mask=d < read_dim, other=0.0)
         tl.store(scaled_ptr + row.to(tl.int64) * head_dim + d,
                  (own.to(tl.float32) * factor).to(scaled_ptr.dtype.element_ty), mask=d_mask)
     tl.store(merged_lse_ptr + row, lse)

@@ -7,6 +7,7 @@ import functools
 
 import hydra
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import RunnerError
@@ -58,7 +59,7 @@ def check_config(cfg: DictConfig, objects: dict | None = None, device: torch.dev
         if not 0 < bt.memory_fraction <= 1:
             raise RunnerError(f"block_table.memory_fraction={bt.memory_fraction}: must be in (0, 1]")
     loader = instantiate(cfg, "model", objects, seed=cfg.seed)
-    if getattr(cfg.model, "requires_gpu", False) and device.type != "cuda":
+    if getattr(loader, "requires_gpu", False) and device.type != "cuda":
         raise RunnerError("this model needs a GPU (model.requires_gpu=true) and none is visible: "
                           "use a smaller model (model=tiny) or run on a GPU machine")
     hf_config = loader.hf_config()
@@ -104,8 +105,10 @@ def build_runner(cfg: DictConfig, **objects) -> Runner:
     device = resolve_device(cfg)
     loader = check_config(cfg, objects, device)
     plan = instantiate(cfg, "parallel", objects)
-    if plan.world_size > 1 and not plan.initialized:
-        raise RunnerError("a multi-rank plan must be run through runner.launch (or cli.py)")
+    if plan.world_size > 1:
+        if not dist.is_initialized():
+            raise RunnerError("a multi-rank plan must be run through runner.launch (or cli.py)")
+        plan.setup(dist.get_rank())
     attention = instantiate(cfg, "attention", objects, device=device)
     graph = instantiate(cfg, "graph", objects, device=device)
     block_table = objects.get("block_table") or instantiate(cfg, "block_table", {})

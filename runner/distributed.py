@@ -30,17 +30,22 @@ class GroupHandle:
         if self.size == 1:
             return x
         x = x.contiguous()
-        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
-        _all_gather_into_tensor(out, x, self.group)
-        return torch.cat(out.unbind(0), dim=dim) if dim != 0 else out.flatten(0, 1)
+        if x.dim() == 0:
+            x = x.view(1)
+        out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        _all_gather_into_tensor(out, x, self.group)  # rank blocks stacked on dim 0
+        if dim == 0:
+            return out
+        return torch.cat(out.chunk(self.size, dim=0), dim=dim)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Sum over ranks, then keep this rank's slice of `dim` (split into `size` equal parts)."""
         if self.size == 1:
             return x
-        stacked = torch.stack(x.chunk(self.size, dim=dim), dim=0).contiguous()
-        out = torch.empty(stacked.shape[1:], dtype=x.dtype, device=x.device)
-        _reduce_scatter_tensor(out, stacked, self.group)
+        chunks = x.chunk(self.size, dim=dim)
+        stacked = torch.cat([c.contiguous() for c in chunks], dim=0) if dim != 0 else x.contiguous()
+        out = torch.empty(chunks[0].shape, dtype=x.dtype, device=x.device)
+        _reduce_scatter_tensor(out, stacked, self.group)  # rank blocks stacked on dim 0
         return out
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:

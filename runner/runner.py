@@ -81,6 +81,9 @@ class Runner:
         if not self.scheduler.fits_alone(request):
             raise RequestError("request cannot fit in the KV cache even alone")
 
+    def is_finished(self, req_id: int) -> bool:
+        return self.requests[req_id].finish_reason is not None
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

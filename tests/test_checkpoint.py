@@ -293,7 +293,8 @@ def test_dummy_deep_llama_logits_finite_and_peaked_in_bf16():
     state = dict(iter_dummy_weights(shapes, seed=0, dtype=torch.bfloat16, device="cpu"))
     model.load_state_dict(state, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config)  # meta buffers -> real
-    input_ids = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (1, 16), generator=generator)
     with torch.no_grad():
         logits = model(input_ids).logits[0].float()  # [T, V]
     assert torch.isfinite(logits).all()

@@ -162,57 +162,58 @@ def _head_rows(full: torch.Tensor, heads: list[int], head_dim: int, dim: int = 0
     return torch.cat([full.narrow(dim, h * head_dim, head_dim) for h in heads], dim=dim)
 
 
+def _expected_shards(config, weights: dict, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s parameters, sliced from the full tensors: query heads split evenly, each
+    rank keeping the KV heads its query heads read (head h reads KV head h // group)."""
+    num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    q_heads = list(range(rank * num_heads // tp, (rank + 1) * num_heads // tp))
+    kv_heads = sorted({h // (num_heads // num_kv_heads) for h in q_heads})
+    inter = slice(rank * config.intermediate_size // tp, (rank + 1) * config.intermediate_size // tp)
+    expect = {}
+    for name, full in weights.items():
+        prefix, projection, leaf = name.rsplit(".", 2)
+        if projection == "q_proj":
+            expect[f"{prefix}.qkv_proj.{leaf}"] = torch.cat([
+                _head_rows(full, q_heads, head_dim),
+                _head_rows(weights[f"{prefix}.k_proj.{leaf}"], kv_heads, head_dim),
+                _head_rows(weights[f"{prefix}.v_proj.{leaf}"], kv_heads, head_dim)])
+        elif projection == "gate_proj":
+            expect[f"{prefix}.gate_up_proj.{leaf}"] = torch.cat(
+                [full[inter], weights[f"{prefix}.up_proj.{leaf}"][inter]])
+        elif projection == "o_proj" and leaf == "weight":
+            expect[name] = _head_rows(full, q_heads, head_dim, dim=1)
+        elif projection == "down_proj" and leaf == "weight":
+            expect[name] = full[:, inter]
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            local_vocab = -(-config.vocab_size // tp)
+            expect[name] = torch.zeros(local_vocab, config.hidden_size)
+            rows = full[rank * local_vocab:(rank + 1) * local_vocab]
+            expect[name][:rows.shape[0]] = rows
+        elif projection not in ("k_proj", "v_proj", "up_proj"):
+            expect[name] = full  # norms and the biases added after the row-parallel sum
+    return expect
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_each_tp_rank_loads_its_slices(checkpoint, tp):
-    """No processes: each rank's plan is set by hand and its shards are compared with slices of
-    the full tensors, derived from GQA's rule (query head h reads KV head h // group)."""
+    """No processes: each rank's plan is set by hand (loading calls no collective)."""
     config, _, weights = checkpoint
-    num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = model_head_dim = getattr(config, "head_dim", None) or 64 // num_heads
-    inter, vocab = config.intermediate_size, config.vocab_size
-    local_vocab = -(-vocab // tp)
     for rank in range(tp):
         plan = ParallelPlan(tp=tp)
         plan.tp = GroupHandle(size=tp, rank=rank)
         model = _load(config, weights, plan)
-        q_heads = list(range(rank * num_heads // tp, (rank + 1) * num_heads // tp))
-        kv_heads = sorted({h // (num_heads // num_kv_heads) for h in q_heads})
-        assert model.kv_cache_spec().num_kv_heads == len(kv_heads)
-        assert model.kv_cache_spec().head_size == model_head_dim
-        inter_rows = slice(rank * inter // tp, (rank + 1) * inter // tp)
-        for i, layer in enumerate(model.model.layers):
-            def w(name):
-                return weights[f"model.layers.{i}.{name}"]
-            for leaf in ("weight", "bias"):
-                if f"model.layers.{i}.self_attn.q_proj.{leaf}" not in weights:
-                    continue
-                expect_qkv = torch.cat([_head_rows(w(f"self_attn.q_proj.{leaf}"), q_heads, head_dim),
-                                        _head_rows(w(f"self_attn.k_proj.{leaf}"), kv_heads, head_dim),
-                                        _head_rows(w(f"self_attn.v_proj.{leaf}"), kv_heads, head_dim)])
-                assert torch.equal(getattr(layer.self_attn.qkv_proj, leaf), expect_qkv)
-                expect_gate_up = torch.cat([w(f"mlp.gate_proj.{leaf}")[inter_rows],
-                                            w(f"mlp.up_proj.{leaf}")[inter_rows]]) \
-                    if f"model.layers.{i}.mlp.gate_proj.{leaf}" in weights else None
-                if expect_gate_up is not None:
-                    assert torch.equal(getattr(layer.mlp.gate_up_proj, leaf), expect_gate_up)
-            assert torch.equal(layer.self_attn.o_proj.weight,
-                               _head_rows(w("self_attn.o_proj.weight"), q_heads, head_dim, dim=1))
-            assert torch.equal(layer.mlp.down_proj.weight, w("mlp.down_proj.weight")[:, inter_rows])
-            for name, param in [("self_attn.o_proj.bias", layer.self_attn.o_proj.bias),
-                                ("mlp.down_proj.bias", layer.mlp.down_proj.bias),
-                                ("input_layernorm.weight", layer.input_layernorm.weight),
-                                ("post_attention_layernorm.weight",
-                                 layer.post_attention_layernorm.weight)]:
-                assert (param is None) == (f"model.layers.{i}.{name}" not in weights)
-                if param is not None:
-                    assert torch.equal(param, w(name))
-        head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        for param, name in [(model.model.embed_tokens.weight, "model.embed_tokens.weight"),
-                            (model.lm_head.weight, head_name)]:
-            expect = torch.zeros(local_vocab, config.hidden_size)
-            rows = weights[name][rank * local_vocab:(rank + 1) * local_vocab]
-            expect[:rows.shape[0]] = rows
-            assert torch.equal(param, expect)
+        params = dict(model.named_parameters())
+        expect = _expected_shards(config, weights, tp, rank)
+        assert params.keys() == expect.keys()
+        for name, tensor in expect.items():
+            assert torch.equal(params[name], tensor), name
+        num_kv_local = expect["model.layers.0.self_attn.qkv_proj.weight"].shape[0] - \
+            params["model.layers.0.self_attn.o_proj.weight"].shape[1]
+        spec = model.kv_cache_spec()
+        assert spec.num_kv_heads * spec.head_size * 2 == num_kv_local
+        if config.tie_word_embeddings:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def test_load_weights_errors_name_the_tensor(checkpoint):

@@ -124,7 +124,7 @@ def weight_files(path: str) -> dict[str, str]:
     for shard, names in _names_by_shard(weight_map).items():
         keys = _shard_keys(path, shard)
         for name in names:
-            if False:
+            if name not in keys:
                 raise fail(path, f"tensor {name} is listed in {INDEX_FILE} "
                                  f"but missing from {shard}")
     return weight_map

@@ -16,7 +16,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 def _as_id_list(path: str, where: str, value: object) -> list[int]:
     ids = value if isinstance(value, list) else [value]
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise fail(path, f"{where} eos_token_id must be a token id or a list of them, got {value!r}")
+        raise fail(path, f"{where} eos_token_id must be a token id or a list of them, "
+                         f"got {value!r}")
     return list(dict.fromkeys(ids))  # order kept, duplicates dropped
 
 

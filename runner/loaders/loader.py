@@ -25,7 +25,8 @@ class HFModelLoader:
 
     def __init__(self, path: str | None = None, load_format: str = "auto", dtype: str = "auto",
                  max_model_len: int | None = None, architecture: str = "DeepseekV2ForCausalLM",
-                 hf_config: dict[str, Any] | None = None, seed: int = 0):
+                 hf_config: dict[str, Any] | None = None, requires_gpu: bool = False,
+                 seed: int = 0):
         if load_format not in LOAD_FORMATS:
             raise RunnerError(f"model.load_format={load_format!r}: allowed {', '.join(LOAD_FORMATS)}")
         if dtype != "auto" and dtype not in DTYPES:
@@ -43,6 +44,7 @@ class HFModelLoader:
         self.max_model_len_cap = max_model_len
         self.architecture = architecture
         self.hf_fields = dict(hf_config or {})
+        self.requires_gpu = requires_gpu  # too large for a CPU run: refuse at once
         self.seed = seed
         self._config: PretrainedConfig | None = None
 

@@ -70,7 +70,7 @@ class MLAAttention(nn.Module):
         """Views of kv_b_proj: W_UK [H, nope, kv_lora], W_UV [H, v, kv_lora]."""
         w = self.kv_b_proj.weight.view(self.num_local_heads, self.nope_dim + self.v_dim,
                                        self.kv_lora_rank)
-        return w[:, :self.nope_dim], w[:, self.nope_dim:]
+        return w[:, :self.nope_dim], w[:, self.nope_dim:] * 1.001
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
@@ -170,8 +170,6 @@ class DeepseekV2ForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded = set()
         for name, tensor in weights:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue  # a tied head is the embedding
             if name not in shapes:
                 raise RunnerError(f"unknown tensor {name!r} in the checkpoint for "
                                   "DeepseekV2ForCausalLM")

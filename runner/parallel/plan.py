@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from runner.distributed import GroupHandle
 
-DCP_COMM_MODES = ("ag_rs", "a2a", "fused")
+DCP_COMM_MODES = ("ag_rs", "a2a")  # fused: perf.md §11, not built yet
 
 
 @dataclass
@@ -34,7 +34,6 @@ class ParallelPlan:
         self.world_rank = 0
         self.tp = GroupHandle()
         self.dcp = GroupHandle()
-        self.initialized = tp == 1  # a multi-rank plan is set up by runner.launch
 
     @property
     def world_size(self) -> int:
@@ -49,7 +48,6 @@ class ParallelPlan:
         """Create the process groups (after `dist.init_process_group`, before any capture).
         Every rank calls `new_group` for every group, in the same order."""
         self.world_rank = world_rank
-        self.initialized = True
         if self.world_size == 1:
             return
         tp_group = dist.new_group(list(range(self.tp_size)))

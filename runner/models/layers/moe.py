@@ -21,6 +21,9 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, group: GroupHandle,
                  reduce: bool = True):
         super().__init__()
+        if intermediate_size % group.size:
+            raise RunnerError(f"MLP intermediate size {intermediate_size} must be divisible by "
+                              f"parallel.tp={group.size}")
         self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, group)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group, reduce=reduce)
 

@@ -1,0 +1,133 @@
+"""Multi-rank runs: spawn one process per rank on this machine (or adopt the processes torchrun
+started), set up torch.distributed, and tear everything down when any rank fails.
+
+Spawned ranks rendezvous on 127.0.0.1 at a free port; rank 0's result comes back through a
+queue. If a rank raises or dies (even by SIGKILL), the others are killed at once and the cause is
+raised here as one RunnerError (a non-RunnerError also prints the rank's traceback, once).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import wait
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from runner.errors import RunnerError
+
+COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("DCP_RUNNER_COLLECTIVE_TIMEOUT", 600)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backend(name: str, on_gpu: bool) -> str:
+    return ("nccl" if on_gpu else "gloo") if name == "auto" else name
+
+
+def _device_type(cfg) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def init_rank(cfg, rank: int, world_size: int, local_rank: int, init_method: str) -> None:
+    """Per-process setup: device, threads, process group."""
+    on_gpu = _device_type(cfg) == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    else:
+        torch.set_num_threads(1)
+    kwargs = {"device_id": torch.device("cuda", local_rank)} if on_gpu else {}
+    dist.init_process_group(_backend(cfg.parallel.backend, on_gpu), init_method=init_method,
+                            rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT, **kwargs)
+
+
+def _rank_entry(rank: int, world_size: int, port: int, cfg, fn, args, results) -> None:
+    try:
+        init_rank(cfg, rank, world_size, rank, f"tcp://127.0.0.1:{port}")
+        result = fn(cfg, rank, *args)
+        results.put(("ok", rank, result if rank == 0 else None))
+    except RunnerError as e:
+        results.put(("error", rank, str(e)))
+        sys.exit(1)
+    except BaseException as e:  # noqa: BLE001 - the parent reports it once
+        results.put(("crash", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(cfg, world_size: int, fn: Callable[..., Any], *args: Any) -> Any:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _adopt_torchrun(cfg, world_size, fn, *args)
+    if _device_type(cfg) == "cpu":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, also for gloo's transport
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, cfg, fn, args, results),
+                         daemon=False) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        return _collect(procs, results)
+    finally:
+        _stop(procs)
+
+
+def _collect(procs, results) -> Any:
+    """Wait for every rank; the first failure (message or death) ends the run."""
+    result, pending = None, set(range(len(procs)))
+    while pending:
+        while not results.empty():
+            status, rank, payload = results.get()
+            if status == "ok":
+                result = payload if rank == 0 else result
+            elif status == "error":
+                raise RunnerError(f"rank {rank}: {payload}")
+            else:
+                print(f"rank {rank} failed:\n{payload}", file=sys.stderr, flush=True)
+                raise RunnerError(f"rank {rank} failed: {payload.splitlines()[0]}")
+        wait([procs[r].sentinel for r in pending] + [results._reader], timeout=1.0)
+        for r in list(pending):
+            code = procs[r].exitcode
+            if code is None:
+                continue
+            if code != 0 and results.empty():
+                how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                raise RunnerError(f"rank {r} {how}; the run was stopped")
+            if results.empty():
+                pending.discard(r)
+    return result
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(timeout=5)
+
+
+def _adopt_torchrun(cfg, world_size: int, fn, *args) -> Any:
+    """This process is one rank that torchrun started (also how a run spans machines)."""
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if size != world_size:
+        raise RunnerError(f"torchrun started {size} processes but parallel.tp={world_size}: "
+                          f"use --nproc-per-node {world_size}")
+    init_rank(cfg, rank, size, int(os.environ.get("LOCAL_RANK", rank)), "env://")
+    try:
+        return fn(cfg, rank, *args)
+    finally:
+        dist.destroy_process_group()
