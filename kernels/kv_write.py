@@ -11,9 +11,10 @@ _MAX_BLOCK_D = 1024  # head-dim elements per loop step
 
 
 @triton.jit
-def _write_kv_kernel(cache_ptr, slots_ptr, x_ptr, head_dim, block_size,
+def _write_kv_kernel(cache_ptr, slots_ptr, x_ptr, block_size,
                      cache_stride_b, cache_stride_o, cache_stride_h, cache_stride_d,
-                     x_stride_t, x_stride_h, x_stride_d, BLOCK_D: tl.constexpr):
+                     x_stride_t, x_stride_h, x_stride_d,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     slot = tl.load(slots_ptr + token)  # int64
@@ -21,8 +22,8 @@ def _write_kv_kernel(cache_ptr, slots_ptr, x_ptr, head_dim, block_size,
     offset = slot % block_size
     dst = cache_ptr + block * cache_stride_b + offset * cache_stride_o + head * cache_stride_h
     src = x_ptr + token * x_stride_t + head * x_stride_h
-    write_dim = tl.where(slot >= 0, head_dim, 0)  # nothing is written for a negative slot
-    for d_start in range(0, head_dim, BLOCK_D):
+    write_dim = tl.where(slot >= 0, HEAD_DIM, 0)  # nothing is written for a negative slot
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
         d = d_start + tl.arange(0, BLOCK_D)
         mask = d < write_dim
         row = tl.load(src + d * x_stride_d, mask=mask)
@@ -53,8 +54,8 @@ def write_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
     num_tokens, num_kv_heads, head_dim = x.shape
     if num_tokens and num_kv_heads and head_dim:
         _write_kv_kernel[(num_tokens, num_kv_heads)](
-            cache, slots, x, head_dim, cache.shape[1], *cache.stride(), *x.stride(),
-            BLOCK_D=min(triton.next_power_of_2(head_dim), _MAX_BLOCK_D))
+            cache, slots, x, cache.shape[1], *cache.stride(), *x.stride(),
+            HEAD_DIM=head_dim, BLOCK_D=min(triton.next_power_of_2(head_dim), _MAX_BLOCK_D))
 
 
 def write_kv_ref(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:

@@ -30,9 +30,9 @@ def _merged_lse(lses_ptr, row_offset, lse_stride_n, num_states, BLOCK_N: tl.cons
 
 @triton.jit
 def _merge_states_kernel(outs_ptr, lses_ptr, out_ptr, merged_lse_ptr, num_states, num_heads,
-                         head_dim, outs_stride_n, outs_stride_t, outs_stride_h, outs_stride_d,
+                         outs_stride_n, outs_stride_t, outs_stride_h, outs_stride_d,
                          lse_stride_n, lse_stride_t, lse_stride_h,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
     token = (row // num_heads).to(tl.int64)
     head = (row % num_heads).to(tl.int64)
@@ -41,23 +41,23 @@ def _merge_states_kernel(outs_ptr, lses_ptr, out_ptr, merged_lse_ptr, num_states
     weight = tl.exp(lse_n - shift)  # [BLOCK_N]; 0 for empty parts
     n = tl.arange(0, BLOCK_N).to(tl.int64)
     src = outs_ptr + token * outs_stride_t + head * outs_stride_h + n[:, None] * outs_stride_n
-    for d_start in range(0, head_dim, BLOCK_D):
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
         d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = d < head_dim
+        d_mask = d < HEAD_DIM
         # Parts with weight 0 are not read, so NaN in an empty part's output cannot leak in.
         part = tl.load(src + d[None, :] * outs_stride_d,
                        mask=(weight > 0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         merged = tl.sum(weight[:, None] * part, axis=0)  # [BLOCK_D]
-        tl.store(out_ptr + row.to(tl.int64) * head_dim + d,
+        tl.store(out_ptr + row.to(tl.int64) * HEAD_DIM + d,
                  merged.to(out_ptr.dtype.element_ty), mask=d_mask)
     tl.store(merged_lse_ptr + row, lse)
 
 
 @triton.jit
 def _scale_own_kernel(out_ptr, lses_ptr, scaled_ptr, merged_lse_ptr, own_rank, num_states,
-                      num_heads, head_dim, out_stride_t, out_stride_h, out_stride_d,
+                      num_heads, out_stride_t, out_stride_h, out_stride_d,
                       lse_stride_n, lse_stride_t, lse_stride_h,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
     token = (row // num_heads).to(tl.int64)
     head = (row % num_heads).to(tl.int64)
@@ -66,12 +66,12 @@ def _scale_own_kernel(out_ptr, lses_ptr, scaled_ptr, merged_lse_ptr, own_rank, n
     own_lse = tl.max(tl.where(tl.arange(0, BLOCK_N) == own_rank, lse_n, float("-inf")), axis=0)
     factor = tl.exp(own_lse - shift)  # 0 when this rank's part is empty
     src = out_ptr + token * out_stride_t + head * out_stride_h
-    read_dim = tl.where(factor > 0, head_dim, 0)  # nothing is read when the factor is 0
-    for d_start in range(0, head_dim, BLOCK_D):
+    read_dim = tl.where(factor > 0, HEAD_DIM, 0)  # nothing is read when the factor is 0
+    for d_start in range(0, HEAD_DIM, BLOCK_D):
         d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = d < head_dim
+        d_mask = d < HEAD_DIM
         own = tl.load(src + d * out_stride_d, mask=d < read_dim, other=0.0)
-        tl.store(scaled_ptr + row.to(tl.int64) * head_dim + d,
+        tl.store(scaled_ptr + row.to(tl.int64) * HEAD_DIM + d,
                  (own.to(tl.float32) * factor).to(scaled_ptr.dtype.element_ty), mask=d_mask)
     tl.store(merged_lse_ptr + row, lse)
 
@@ -121,8 +121,8 @@ def merge_states(outs: torch.Tensor, lses: torch.Tensor,
     if out.numel():
         block_n, block_d = _block_sizes(num_states, head_dim)
         _merge_states_kernel[(num_tokens * num_heads,)](
-            outs, lses, out, lse, num_states, num_heads, head_dim, *outs.stride()[:4],
-            *lses.stride(), BLOCK_N=block_n, BLOCK_D=block_d)
+            outs, lses, out, lse, num_states, num_heads, *outs.stride(), *lses.stride(),
+            HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_D=block_d)
     return out, lse
 
 
@@ -138,8 +138,8 @@ def scale_own(out: torch.Tensor, lses: torch.Tensor,
     if scaled.numel():
         block_n, block_d = _block_sizes(lses.shape[0], head_dim)
         _scale_own_kernel[(num_tokens * num_heads,)](
-            out, lses, scaled, lse, own_rank, lses.shape[0], num_heads, head_dim, *out.stride(),
-            *lses.stride(), BLOCK_N=block_n, BLOCK_D=block_d)
+            out, lses, scaled, lse, own_rank, lses.shape[0], num_heads, *out.stride(),
+            *lses.stride(), HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_D=block_d)
     return scaled, lse
 
 

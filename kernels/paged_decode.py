@@ -40,13 +40,14 @@ def decode_config(num_reqs: int, num_kv_heads: int, max_context: int, device: to
 @triton.jit
 def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-        scale_log2, group_size, num_head_blocks, head_dim_k, head_dim_v, block_size, max_context,
+        scale_log2, group_size, num_head_blocks, block_size, max_context,
         q_stride_r, q_stride_h, q_stride_d,
         k_stride_b, k_stride_o, k_stride_h, k_stride_d,
         v_stride_b, v_stride_o, v_stride_h, v_stride_d,
         table_stride_r, table_stride_b,
         out_stride_s, out_stride_r, out_stride_h, out_stride_d,
         lse_stride_s, lse_stride_r, lse_stride_h,
+        HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr,
         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -67,11 +68,11 @@ def _paged_decode_kernel(
     d1 = tl.arange(0, BLOCK_D1)
     q_rows = q_ptr + req * q_stride_r + heads[:, None] * q_stride_h
     q1 = tl.load(q_rows + d1[None, :] * q_stride_d,
-                 mask=head_mask[:, None] & (d1 < head_dim_k)[None, :], other=0.0).to(DOT_DTYPE)
+                 mask=head_mask[:, None] & (d1 < HEAD_DIM_K)[None, :], other=0.0).to(DOT_DTYPE)
     if BLOCK_D2 > 0:
         d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
         q2 = tl.load(q_rows + d2[None, :] * q_stride_d,
-                     mask=head_mask[:, None] & (d2 < head_dim_k)[None, :], other=0.0).to(DOT_DTYPE)
+                     mask=head_mask[:, None] & (d2 < HEAD_DIM_K)[None, :], other=0.0).to(DOT_DTYPE)
     dv = tl.arange(0, BLOCK_DV)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of log2-scaled scores
@@ -84,11 +85,11 @@ def _paged_decode_kernel(
                         mask=tok_mask, other=0).to(tl.int64)
         k_rows = k_ptr + block * k_stride_b + (pos % block_size) * k_stride_o + kv_head * k_stride_h
         k1 = tl.load(k_rows[:, None] + d1[None, :] * k_stride_d,
-                     mask=tok_mask[:, None] & (d1 < head_dim_k)[None, :], other=0.0).to(DOT_DTYPE)
+                     mask=tok_mask[:, None] & (d1 < HEAD_DIM_K)[None, :], other=0.0).to(DOT_DTYPE)
         scores = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
         if BLOCK_D2 > 0:
             k2 = tl.load(k_rows[:, None] + d2[None, :] * k_stride_d,
-                         mask=tok_mask[:, None] & (d2 < head_dim_k)[None, :],
+                         mask=tok_mask[:, None] & (d2 < HEAD_DIM_K)[None, :],
                          other=0.0).to(DOT_DTYPE)
             scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         scores = tl.where(tok_mask[None, :], scores * scale_log2, float("-inf"))
@@ -103,7 +104,7 @@ def _paged_decode_kernel(
             v_rows = (v_ptr + block * v_stride_b + (pos % block_size) * v_stride_o
                       + kv_head * v_stride_h)
             v = tl.load(v_rows[:, None] + dv[None, :] * v_stride_d,
-                        mask=tok_mask[:, None] & (dv < head_dim_v)[None, :],
+                        mask=tok_mask[:, None] & (dv < HEAD_DIM_V)[None, :],
                         other=0.0).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -114,7 +115,7 @@ def _paged_decode_kernel(
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * ln2, float("-inf"))
     out_rows = out_ptr + split * out_stride_s + req * out_stride_r + heads[:, None] * out_stride_h
     tl.store(out_rows + dv[None, :] * out_stride_d, out.to(out_ptr.dtype.element_ty),
-             mask=head_mask[:, None] & (dv < head_dim_v)[None, :])
+             mask=head_mask[:, None] & (dv < HEAD_DIM_V)[None, :])
     tl.store(lse_ptr + split * lse_stride_s + req * lse_stride_r + heads * lse_stride_h, lse,
              mask=head_mask)
 
@@ -197,11 +198,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                device=q.device)
     _paged_decode_kernel[(num_reqs, num_kv_heads * num_head_blocks, cfg.num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_out, part_lse,
-        scale * _LOG2E, group_size, num_head_blocks, head_dim_k, head_dim_v, block_size,
-        max_context, *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
+        scale * _LOG2E, group_size, num_head_blocks, block_size, max_context, *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
         *part_out.stride(), *part_lse.stride(),
-        BLOCK_H=block_h, BLOCK_N=cfg.block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2,
-        BLOCK_DV=block_dv, V_FROM_K=v_from_k, DOT_DTYPE=dot_dtype,
+        HEAD_DIM_K=head_dim_k, HEAD_DIM_V=head_dim_v, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
+        BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, V_FROM_K=v_from_k, DOT_DTYPE=dot_dtype,
         DOT_PRECISION="ieee" if upcast else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.num_splits == 1:
@@ -221,8 +221,9 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     valid = pos[None, :] < lens[:, None]  # [R, L]
     blocks = torch.where(valid, block_table[:, (pos // block_size).clamp(
         max=block_table.shape[1] - 1)].long(), 0)  # [R, L]
-    k = k_cache[blocks, pos % block_size].float()  # [R, L, Hkv, Dk]
-    v = v_cache[blocks, pos % block_size].float()  # [R, L, Hkv, Dv]
+    keep = valid[:, :, None, None]  # slots past a sequence may hold anything, NaN included
+    k = torch.where(keep, k_cache[blocks, pos % block_size].float(), 0.0)  # [R, L, Hkv, Dk]
+    v = torch.where(keep, v_cache[blocks, pos % block_size].float(), 0.0)  # [R, L, Hkv, Dv]
     q_grouped = q.float().view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim_k)
     scores = torch.einsum("rkgd,rlkd->rkgl", q_grouped, k) * scale  # [R, Hkv, G, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

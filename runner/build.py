@@ -127,6 +127,7 @@ def build_runner(cfg: DictConfig, **objects) -> Runner:
                     max_model_len, cfg.scheduler.max_num_seqs,
                     cfg.scheduler.max_num_batched_tokens, device, kv_dtype,
                     eos_token_ids(loader.path, loader.hf_config()), tokenizer)
+    runner.loader = loader
     if loader.load_format == "safetensors":
         runner.weights_source = loader.path
     return runner

@@ -27,7 +27,7 @@ from runner.models.layers.yarn_rope import DeepseekRotaryEmbedding, mla_softmax_
 from runner.parallel.plan import ParallelPlan
 
 BLOCK_SIZE = 16
-PROMPT_LENGTHS = [1, 7, 40, 203]
+PROMPT_LENGTHS = [1, 16, 40, 203]  # decode at 16 opens a new block
 YARN = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
         "original_max_position_embeddings": 128, "mscale": 0.9, "mscale_all_dim": 0.8,
         "beta_fast": 16, "beta_slow": 2}
@@ -101,7 +101,8 @@ class PagedBatch:
     def context(self, seq_lens: list[int], num_new: list[int]) -> tuple[torch.Tensor,
                                                                          ForwardContext]:
         """Positions [T] and the context of a step where request r adds its last num_new[r]."""
-        positions = torch.cat([torch.arange(total - n, total) for total, n in zip(seq_lens, num_new)])
+        positions = torch.cat([torch.arange(total - n, total)
+                               for total, n in zip(seq_lens, num_new)])
         req_of_token = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(num_new))
         block = self.block_table[req_of_token, positions // BLOCK_SIZE].long()
         starts = [0]
@@ -109,7 +110,8 @@ class PagedBatch:
             starts.append(starts[-1] + n)
         lens = torch.tensor(seq_lens, dtype=torch.int32)
         meta = AttentionMetadata(
-            is_prefill=seq_lens == num_new, slot_mapping=block * BLOCK_SIZE + positions % BLOCK_SIZE,
+            is_prefill=seq_lens == num_new,
+            slot_mapping=block * BLOCK_SIZE + positions % BLOCK_SIZE,
             query_start_loc=torch.tensor(starts, dtype=torch.int32), query_start_loc_cpu=starts,
             seq_lens=lens, local_seq_lens=lens, block_table=self.block_table,
             max_local_seq_len=max(seq_lens))
@@ -185,8 +187,8 @@ def test_two_ranks_match_transformers(checkpoint, tmp_path, ep):
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("fork")
     out_path = tmp_path / "logits.pt"
-    procs = [ctx.Process(target=_parallel_worker, args=(r, port, config, weights_path, ep, out_path))
-             for r in range(2)]
+    procs = [ctx.Process(target=_parallel_worker,
+                         args=(r, port, config, weights_path, ep, out_path)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

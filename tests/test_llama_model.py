@@ -172,7 +172,8 @@ def _expected_shards(config, weights: dict, tp: int, rank: int) -> dict[str, tor
     inter = slice(rank * config.intermediate_size // tp, (rank + 1) * config.intermediate_size // tp)
     expect = {}
     for name, full in weights.items():
-        prefix, projection, leaf = name.rsplit(".", 2)
+        *parents, projection, leaf = name.split(".")
+        prefix = ".".join(parents)
         if projection == "q_proj":
             expect[f"{prefix}.qkv_proj.{leaf}"] = torch.cat([
                 _head_rows(full, q_heads, head_dim),
@@ -208,10 +209,10 @@ def test_each_tp_rank_loads_its_slices(checkpoint, tp):
         assert params.keys() == expect.keys()
         for name, tensor in expect.items():
             assert torch.equal(params[name], tensor), name
-        num_kv_local = expect["model.layers.0.self_attn.qkv_proj.weight"].shape[0] - \
-            params["model.layers.0.self_attn.o_proj.weight"].shape[1]
-        spec = model.kv_cache_spec()
-        assert spec.num_kv_heads * spec.head_size * 2 == num_kv_local
+        spec = model.kv_cache_spec()  # k and v rows = qkv rows - q rows (o_proj's inputs)
+        assert 2 * spec.num_kv_heads * spec.head_size == (
+            expect["model.layers.0.self_attn.qkv_proj.weight"].shape[0]
+            - expect["model.layers.0.self_attn.o_proj.weight"].shape[1])
         if config.tie_word_embeddings:
             assert model.lm_head.weight is model.model.embed_tokens.weight
 

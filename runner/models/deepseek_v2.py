@@ -70,7 +70,7 @@ class MLAAttention(nn.Module):
         """Views of kv_b_proj: W_UK [H, nope, kv_lora], W_UV [H, v, kv_lora]."""
         w = self.kv_b_proj.weight.view(self.num_local_heads, self.nope_dim + self.v_dim,
                                        self.kv_lora_rank)
-        return w[:, :self.nope_dim], w[:, self.nope_dim:] * 1.001
+        return w[:, :self.nope_dim], w[:, self.nope_dim:]
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:

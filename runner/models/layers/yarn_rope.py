@@ -1,6 +1,6 @@
 """DeepSeek's rotary embedding: RoPE on interleaved pairs (x[2i], x[2i+1]), plain or YaRN-scaled,
-and the MLA softmax scale that YaRN's `mscale_all_dim` enlarges. Settings come from a
-transformers 5 `config.rope_parameters` dict; inv_freq is kept in float32 whatever the model dtype."""
+and the MLA softmax scale that YaRN's `mscale_all_dim` enlarges. Settings come from a transformers
+5 `config.rope_parameters` dict; inv_freq stays float32 whatever the model dtype."""
 from __future__ import annotations
 
 import math
@@ -16,7 +16,8 @@ SUPPORTED_ROPE_TYPES = ("default", "yarn")
 def _rope_type(rope_parameters: dict) -> str:
     rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise RunnerError(f"rope_parameters.rope_type={rope_type!r}: allowed {SUPPORTED_ROPE_TYPES}")
+        raise RunnerError(f"rope_parameters.rope_type={rope_type!r}: allowed "
+                          f"{SUPPORTED_ROPE_TYPES}")
     if rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
         raise RunnerError("rope_parameters.partial_rotary_factor: only 1.0 is supported")
     return rope_type
@@ -38,7 +39,8 @@ def _yarn_inv_freq(dim: int, base: float, rope_parameters: dict,
                    max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """Per-pair frequencies blending interpolation (low frequencies, divided by `factor`) and
     extrapolation (high frequencies, unchanged) over a linear ramp between the pair indices where
-    a wavelength fits beta_fast and beta_slow times into the original context; plus cos/sin scale."""
+    a wavelength fits beta_fast and beta_slow times into the original context; plus the cos/sin
+    scale."""
     factor = _yarn_factor(rope_parameters, max_position_embeddings)
     original_len = rope_parameters["original_max_position_embeddings"]
     beta_fast = rope_parameters.get("beta_fast") or 32
@@ -61,7 +63,8 @@ def _yarn_inv_freq(dim: int, base: float, rope_parameters: dict,
 
     attention_factor = rope_parameters.get("attention_factor")
     if attention_factor is None:
-        mscale, mscale_all_dim = rope_parameters.get("mscale"), rope_parameters.get("mscale_all_dim")
+        mscale = rope_parameters.get("mscale")
+        mscale_all_dim = rope_parameters.get("mscale_all_dim")
         if mscale and mscale_all_dim:
             attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
         else:
