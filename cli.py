@@ -27,7 +27,10 @@ def run_rank(cfg: DictConfig, rank: int, output_dir: str) -> dict:
             print_config(to_yaml(cfg))
         print_summary(runner)
     task.output_dir = output_dir
-    return task.run(runner)
+    try:
+        return task.run(runner)
+    finally:
+        runner.shutdown()
 
 
 def run(cfg: DictConfig, output_dir: str = ".") -> dict:

@@ -4,6 +4,7 @@ lives in `check_config`, which runs before any rank is spawned."""
 from __future__ import annotations
 
 import functools
+import os
 
 import hydra
 import torch
@@ -15,6 +16,7 @@ from runner.kv_cache import bytes_per_block
 from runner.parallel.layout import check_layout
 from runner.runner import Runner
 
+ACTIVATION_RESERVE_BYTES = 4 << 30  # GPU: prefill activations and CUDA graphs, outside the KV cache
 GROUPS = ("model", "attention", "block_table", "parallel", "graph", "task")
 
 
@@ -70,7 +72,26 @@ def check_config(cfg: DictConfig, objects: dict | None = None, device: torch.dev
                           f" lower model.max_model_len")
     if objects.get("parallel") is None:
         check_layout(cfg.parallel, hf_config, bt.block_size, bt.interleave, device)
+    _check_fits(loader, device, cfg.parallel.tp)
     return loader
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_fits(loader, device: torch.device, tp: int) -> None:
+    """Refuse a model whose weights alone exceed one rank's device memory."""
+    from runner.parallel.plan import ParallelPlan
+    model = loader.build(ParallelPlan(), torch.device("meta"))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) // tp
+    memory = _device_memory(device)
+    if weight_bytes > 0.9 * memory:
+        raise RunnerError(f"the model's weights need {weight_bytes / 2**30:.1f} GiB per rank but "
+                          f"the {device.type} device has {memory / 2**30:.1f} GiB: use more ranks "
+                          f"(parallel.tp), a smaller model.dtype, or a larger device")
 
 
 def _num_blocks(block_table, model, plan, device, kv_dtype, max_model_len, max_num_seqs) -> int:
@@ -82,7 +103,8 @@ def _num_blocks(block_table, model, plan, device, kv_dtype, max_model_len, max_n
         num_blocks = block_table.num_blocks
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = total * block_table.memory_fraction - (total - free)
+        in_use = total - free  # weights, CUDA context, other processes
+        budget = total * block_table.memory_fraction - in_use - ACTIVATION_RESERVE_BYTES
         num_blocks = int(budget // per_block)
     else:
         num_blocks = -(-max_num_seqs * max_model_len // block_table.block_size)

@@ -48,7 +48,8 @@ class AttentionBackend(Protocol):  # conf/attention
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal attention of fresh tokens within each request (no cached context).
-        q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv] -> out [T, H, Dv], lse [T, H] fp32."""
+        q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv] -> out [T, H, Dv], lse [T, H] fp32 or None
+        (nothing combines prefill outputs, so a backend may skip the LSE)."""
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,6 +136,10 @@ class Runner:
             self.scheduler.finish(request, reason)
         return TokenEvent(request.req_id, token, reason is not None, reason)
 
+    def shutdown(self) -> None:
+        """Free captured graphs before the process groups go (a clean NCCL teardown)."""
+        self.graph.release()
+
     # --- whole runs -------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[list[int]], max_tokens: int = 16,
                  params: SamplingParams | None = None) -> list[RequestOutput]:

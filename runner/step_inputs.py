@@ -89,6 +89,16 @@ class DecodeBuffers:
             self.block_table[:num_padded])
         self.local_seq_lens[:num_padded] = block_table.local_seq_lens(self.seq_lens[:num_padded])
 
+    def fill_padding(self, num_padded: int) -> None:
+        """Rows [0, num_padded) as padding (graph capture): slot -1, length 0."""
+        self.input_ids[:num_padded] = 0
+        self.positions[:num_padded] = 0
+        self.req_indices[:num_padded] = -1
+        self.seq_lens[:num_padded] = 0
+        self.local_seq_lens[:num_padded] = 0
+        self.slot_mapping[:num_padded] = -1
+        self.block_table[:num_padded] = 0
+
     def inputs(self, num_padded: int, max_local_seq_len: int) -> StepInputs:
         meta = AttentionMetadata(
             is_prefill=False, slot_mapping=self.slot_mapping[:num_padded],

@@ -21,5 +21,8 @@ class EagerGraph:
     def replay(self, inputs: StepInputs) -> torch.Tensor:
         return self._forward(inputs)
 
+    def release(self) -> None:
+        pass
+
     def describe(self) -> str:
         return "eager"

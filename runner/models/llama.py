@@ -130,9 +130,9 @@ class QKVParallelLinear(nn.Module):
         rows = full.narrow(0, self.offsets[shard_id] * self.head_dim, size)
         _copy_into(param.data.narrow(0, sum(self.sizes[:shard_id]), size), rows)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> q [T, Hq * D], k [T, Hkv * D], v [T, Hkv * D] (this rank's heads)."""
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, (Hq + 2 Hkv) D]: q, k, v of this rank's heads, side by side."""
+        return F.linear(x, self.weight, self.bias)
 
 
 class LlamaAttention(nn.Module):
@@ -151,10 +151,11 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x)
-        q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
-        k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()  # [T, Hkv, D]
+        num_qk_heads = self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x).view(num_tokens, num_qk_heads + self.num_kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :num_qk_heads], cos, sin)  # [T, Hq + Hkv, D], one rotation
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
+        v = qkv[:, num_qk_heads:]  # [T, Hkv, D], strided views: backends take strides
         meta = ctx.attn_meta
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
         ctx.attention.write_kv(k_cache, v_cache, meta.slot_mapping, k, v)

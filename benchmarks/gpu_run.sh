@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, then the bench runs of the GPU issues. Logs under $OUT, a table last.
+# Usage on the device machine:  bash benchmarks/gpu_run.sh [quick]
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+summary="$OUT/summary.txt"; : > "$summary"
+step() {  # step NAME TIMEOUT CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  local tpot=$(grep -m1 'Mean TPOT' "$OUT/$name.log" | awk '{print $NF}')
+  local tput=$(grep -m1 'Output token throughput' "$OUT/$name.log" | awk '{print $NF}')
+  printf '%-28s rc=%-3s %5ss  TPOT(ms)=%-8s out tok/s=%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "${tpot:--}" "${tput:--}" | tee -a "$summary"
+  [ $rc -ne 0 ] && tail -5 "$OUT/$name.log"
+}
+BENCH="task=bench task.num_prompts=128 task.input_len=2 task.output_len=512 task.num_warmups=16 scheduler.max_num_seqs=128 print_config=false hydra.run.dir=$OUT/hydra"
+step gpu_tests 300 python3 -m pytest -q -m gpu tests -x -p no:cacheprovider
+step tiny_verify_torch 120 python3 cli.py task=verify model.dtype=float32 attention=torch graph=eager print_config=false hydra.run.dir=$OUT/hydra
+step tiny_verify_triton_graph 120 python3 cli.py task=verify model.dtype=float32 attention=triton graph=cuda print_config=false hydra.run.dir=$OUT/hydra
+step dsv2lite_graph 300 python3 cli.py model=dsv2lite $BENCH
+[ "${1:-}" = quick ] && { cat "$summary"; exit 0; }
+step dsv2lite_eager 300 python3 cli.py model=dsv2lite graph=eager $BENCH
+step qwen_graph 200 python3 cli.py model=qwen2_5_1_5b $BENCH
+step dsv2lite_batch1 200 python3 cli.py model=dsv2lite task=bench task.num_prompts=4 task.input_len=2 task.output_len=256 task.num_warmups=1 task.max_concurrency=1 scheduler.max_num_seqs=1 print_config=false hydra.run.dir=$OUT/hydra
+echo; echo "=== summary"; cat "$summary"

@@ -1,0 +1,49 @@
+"""GPU attention: Triton paged decode (split-KV, natural-log LSE) and KV writes; prefill of
+fresh tokens with torch SDPA (one masked call for short batches, one call per request for long)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.kv_write import write_kv
+from kernels.paged_decode import paged_decode
+from runner.forward_context import AttentionMetadata, KVCacheSpec
+
+MAX_MASKED_PREFILL_TOKENS = 4096  # above this, a dense [T, T] mask costs more than a loop
+
+
+class TritonAttention:
+    returns_lse = True  # decode; prefill returns lse None (nothing combines prefill outputs)
+
+    def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:
+        per_tensor = (num_blocks, block_size, spec.num_kv_heads, spec.head_size)
+        return per_tensor if spec.shared else (2, *per_tensor)
+
+    def write_kv(self, k_cache, v_cache, slot_mapping, key, value) -> None:
+        write_kv(k_cache, slot_mapping, key)
+        if value is not None:
+            write_kv(v_cache, slot_mapping, value)
+
+    def prefill(self, q, k, v, meta: AttentionMetadata, scale: float):
+        starts = meta.query_start_loc_cpu
+        num_tokens = q.shape[0]
+        gqa = q.shape[1] != k.shape[1]
+        if num_tokens <= MAX_MASKED_PREFILL_TOKENS:
+            req = torch.repeat_interleave(
+                torch.arange(len(starts) - 1, device=q.device),
+                torch.tensor([e - s for s, e in zip(starts[:-1], starts[1:])], device=q.device))
+            mask = (req[:, None] == req[None, :]).tril()  # [T, T] causal, within a request
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                                 v.transpose(0, 1), attn_mask=mask, scale=scale,
+                                                 enable_gqa=gqa)
+            return out.transpose(0, 1), None
+        out = q.new_empty(*q.shape[:2], v.shape[-1])  # [T, H, Dv]
+        for start, end in zip(starts[:-1], starts[1:]):
+            out[start:end] = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
+                v[start:end].transpose(0, 1), is_causal=True, scale=scale,
+                enable_gqa=gqa).transpose(0, 1)
+        return out, None
+
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        return paged_decode(q, k_cache, v_cache, meta.block_table, meta.local_seq_lens, scale)

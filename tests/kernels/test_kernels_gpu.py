@@ -1,0 +1,115 @@
+"""The Triton kernels compiled for the GPU at DeepSeek-V2-Lite decode shapes (16 heads over a
+576-wide latent, 512 of it the value) vs their torch references. Run with
+`TRITON_INTERPRET=0 pytest -m gpu tests/kernels`."""
+import os
+
+import pytest
+import torch
+
+from kernels.kv_write import write_kv, write_kv_ref
+from kernels.merge_states import merge_states, merge_states_ref, scale_own, scale_own_ref
+from kernels.paged_decode import paged_decode, paged_decode_ref
+from kernels.slot_mapping import (local_seq_lens, local_seq_lens_ref, slot_mapping,
+                                  slot_mapping_ref)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                       reason="set TRITON_INTERPRET=0 to compile the kernels for the GPU"),
+]
+BLOCK_SIZE = 64
+NUM_HEADS, LATENT_DIM, ROPE_DIM = 16, 512, 64
+
+
+def _paged_batch(batch, max_context, num_kv_heads, head_dim, dtype, seed):
+    """A random paged cache, a shuffled block table and random lengths (some 0, one full)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    max_blocks = max_context // BLOCK_SIZE
+    num_blocks = batch * max_blocks + 3
+    cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, device="cuda",
+                        generator=gen).to(dtype)
+    table = torch.randperm(num_blocks, device="cuda", generator=gen)[:batch * max_blocks]
+    seq_lens = torch.randint(0, max_context + 1, (batch,), device="cuda", generator=gen)
+    seq_lens[0] = max_context
+    seq_lens[1:][::7] = 0
+    return cache, table.view(batch, max_blocks).int(), seq_lens.int()
+
+
+@pytest.mark.parametrize("cp_size, interleave", [(1, 1), (4, 1), (4, 64), (3, 16)])
+def test_slot_mapping(cp_size, interleave):
+    gen = torch.Generator(device="cuda").manual_seed(cp_size)
+    batch, max_blocks = 256, 8192 // (BLOCK_SIZE * cp_size) + 1
+    table = torch.randint(0, 10**6, (batch, max_blocks), device="cuda", generator=gen).int()
+    positions = torch.randint(0, 8192, (5000,), device="cuda", generator=gen)
+    reqs = torch.randint(-1, batch, (5000,), device="cuda", generator=gen)
+    seq_lens = torch.randint(0, 8192, (batch,), device="cuda", generator=gen).int()
+    for rank in range(cp_size):
+        args = (BLOCK_SIZE, cp_size, rank, interleave)
+        assert torch.equal(slot_mapping(positions, reqs, table, *args),
+                           slot_mapping_ref(positions, reqs, table, *args))
+        assert torch.equal(local_seq_lens(seq_lens, cp_size, rank, interleave),
+                           local_seq_lens_ref(seq_lens, cp_size, rank, interleave))
+
+
+@pytest.mark.parametrize("num_states", [2, 3, 4, 8])
+@pytest.mark.parametrize("head_dim", [LATENT_DIM, LATENT_DIM + ROPE_DIM])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_states(num_states, head_dim, dtype):
+    outs = torch.randn(num_states, 256, NUM_HEADS, head_dim, device="cuda").to(dtype)
+    lses = torch.randn(num_states, 256, NUM_HEADS, device="cuda") * 4
+    lses[:, 3] = float("-inf")  # token 3: every part empty, with NaN outputs
+    outs[:, 3] = float("nan")
+    lses[0, 5], outs[0, 5] = float("inf"), float("nan")  # part 0 of token 5 empty
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    out, lse = merge_states(outs, lses)
+    ref_out, ref_lse = merge_states_ref(outs, lses)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(lse, ref_lse)
+    for rank in range(num_states):
+        scaled, own_lse = scale_own(outs[rank], lses, rank)
+        ref_scaled, _ = scale_own_ref(outs[rank], lses, rank)
+        torch.testing.assert_close(scaled, ref_scaled, **tol)
+        torch.testing.assert_close(own_lse, ref_lse)
+
+
+@pytest.mark.parametrize("latent_only", [False, True])
+def test_write_kv(latent_only):
+    cache = torch.zeros(300, BLOCK_SIZE, 1, LATENT_DIM + ROPE_DIM, device="cuda",
+                        dtype=torch.bfloat16)
+    target = cache[..., :LATENT_DIM] if latent_only else cache
+    slots = torch.randperm(300 * BLOCK_SIZE, device="cuda")[:256]
+    slots[::5] = -1
+    x = torch.randn(256, 1, target.shape[-1], device="cuda")
+    expected = cache.clone()
+    write_kv(target, slots, x)
+    write_kv_ref(expected[..., :target.shape[-1]], slots, x)
+    assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("batch, max_context", [(1, 8192), (32, 1024), (128, 4096), (256, 8192)])
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_paged_decode_mla_bf16(batch, max_context, num_splits):
+    cache, table, seq_lens = _paged_batch(batch, max_context, 1, LATENT_DIM + ROPE_DIM,
+                                          torch.bfloat16, seed=batch)
+    q = torch.randn(batch, NUM_HEADS, LATENT_DIM + ROPE_DIM, device="cuda", dtype=torch.bfloat16)
+    args = (q, cache, cache[..., :LATENT_DIM], table, seq_lens, 0.1)
+    out, lse = paged_decode(*args, num_splits=num_splits)
+    ref_out, ref_lse = paged_decode_ref(*args)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_gqa(dtype):
+    k_cache, table, seq_lens = _paged_batch(64, 2048, 2, 128, dtype, seed=7)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(64, 8, 128, device="cuda", dtype=dtype)
+    args = (q, k_cache, v_cache, table, seq_lens, 128 ** -0.5)
+    out, lse = paged_decode(*args)
+    ref_out, ref_lse = paged_decode_ref(*args)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
