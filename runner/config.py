@@ -44,10 +44,10 @@ class BlockTableConfig:
 @dataclass
 class ParallelConfig:
     _target_: str = "runner.parallel.plan.ParallelPlan"
-    tp: int = "${.dcp}"  # type: ignore[assignment]  # tensor parallel size; defaults to dcp
+    tp: int = "${.dcp}"  # tensor parallel size (ranks); defaults to dcp
     dcp: int = 1  # decode context parallel size (must divide tp)
     ep: bool = False  # experts split over the tp ranks instead of their width
-    dcp_comm: str = "ag_rs"  # ag_rs | a2a | fused
+    dcp_comm: str = "ag_rs"  # DCP combine: ag_rs (all-gather + reduce-scatter) | a2a (all-to-all)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
 
 
@@ -62,28 +62,28 @@ class GraphConfig:
 class GenerateTaskConfig:
     _target_: str = "runner.tasks.generate.GenerateTask"
     prompts: Optional[List[str]] = None  # text; needs a tokenizer at model.path
-    prompt_token_ids: Optional[List[List[int]]] = None
+    prompt_token_ids: Optional[List[List[int]]] = None  # token ids per prompt (no BOS added)
     prompts_file: Optional[str] = None  # JSONL: {"prompt": str} or {"prompt_token_ids": [...]}
-    max_tokens: int = 16
-    ignore_eos: bool = False
+    max_tokens: int = 16  # new tokens per request, at most
+    ignore_eos: bool = False  # keep generating past EOS
     temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # nucleus sampling mass; 1 = off
+    seed: int = 0  # sampling seed: draws keyed by (seed, request, output index)
     output: Optional[str] = None  # JSON path for the outputs
 
 
 @dataclass
 class BenchTaskConfig:
     _target_: str = "runner.tasks.bench.BenchTask"
-    num_prompts: int = 64
-    input_len: int = 32
-    output_len: int = 64
-    num_warmups: int = 0
+    num_prompts: int = 64  # measured requests
+    input_len: int = 32  # random prompt tokens per request (seeded)
+    output_len: int = 64  # tokens generated per request
+    num_warmups: int = 0  # requests run first and not measured
     request_rate: float = float("inf")  # requests per second (Poisson); inf = all at once
-    max_concurrency: Optional[int] = None
-    ignore_eos: bool = True
-    seed: int = 0
+    max_concurrency: Optional[int] = None  # requests in flight at most; null = no limit
+    ignore_eos: bool = True  # every request generates output_len tokens
+    seed: int = 0  # random prompts and arrivals
     output: Optional[str] = "bench.json"  # written in the run's output folder
 
 
@@ -91,9 +91,9 @@ class BenchTaskConfig:
 class VerifyTaskConfig:
     _target_: str = "runner.tasks.verify.VerifyTask"
     prompt_token_ids: Optional[List[List[int]]] = None  # default: seeded random prompts
-    num_prompts: int = 4
-    max_tokens: int = 16
-    logprob_tolerance: float = 1e-3
+    num_prompts: int = 4  # random prompts of lengths 1, 7, 33, 130, 17...
+    max_tokens: int = 16  # greedy tokens per prompt
+    logprob_tolerance: float = 1e-3  # largest allowed |logprob difference| (fp32)
     min_agreement: float = 1.0  # fraction of tokens that must agree
 
 
@@ -113,8 +113,8 @@ class RunConfig:
     task: Any = MISSING
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
-    print_config: bool = True
+    seed: int = 0  # dummy weights (a function of seed and tensor name)
+    print_config: bool = True  # print the composed config at start (rank 0)
 
 
 def register_configs() -> None:

@@ -12,6 +12,7 @@ import time
 from runner.console import RequestProgress, console
 from runner.errors import RunnerError
 from runner.request import SamplingParams
+from runner.roofline import decode_floor_ms
 from runner.tasks.bench_metrics import RequestTiming, compute_metrics, format_report
 
 
@@ -108,7 +109,11 @@ class BenchTask:
         return runner.plan.tp.broadcast_object(due)
 
     def _context(self, runner) -> dict:
-        return {"request_rate": self.request_rate, "max_concurrency": self.max_concurrency,
+        batch = min(self.num_prompts, runner.scheduler.max_num_seqs,
+                    self.max_concurrency or self.num_prompts)
+        floor = decode_floor_ms(runner, batch, self.input_len + self.output_len / 2)
+        return {"graph_replay_fraction": getattr(runner.graph, "replay_fraction", 0.0),
+                "decode_floor_ms": floor, "floor_batch": batch, "request_rate": self.request_rate, "max_concurrency": self.max_concurrency,
                 "num_prompts": self.num_prompts, "input_len": self.input_len,
                 "output_len": self.output_len, "num_warmups": self.num_warmups,
                 "kv_capacity_tokens": runner.kv_capacity_tokens, **runner.plan.describe(),
@@ -117,6 +122,13 @@ class BenchTask:
     def _report(self, metrics: dict) -> None:
         console.print(format_report(metrics), markup=False, highlight=False)
         console.print("(engine-level: measured in-process, no HTTP server)")
+        tpot = metrics.get("mean_tpot_ms") or 0.0
+        reached = metrics["decode_floor_ms"] / tpot if tpot else 0.0
+        metrics["floor_fraction"] = reached
+        console.print(f"decode steps replayed from CUDA graphs: "
+                      f"{metrics['graph_replay_fraction']:.1%}; bandwidth floor at batch "
+                      f"{metrics['floor_batch']}: {metrics['decode_floor_ms']:.2f} ms per step "
+                      f"(4.3 TB/s), reached {reached:.1%} of it")
         if self.output:
             path = os.path.join(self.output_dir, self.output)
             with open(path, "w", encoding="utf-8") as f:
