@@ -98,7 +98,8 @@ class PagedBatch:
     def context(self, seq_lens: list[int], num_new: list[int]) -> tuple[torch.Tensor,
                                                                          ForwardContext]:
         """Positions [T] and the context of a step where request r adds its last num_new[r]."""
-        positions = torch.cat([torch.arange(n_all - n, n_all) for n_all, n in zip(seq_lens, num_new)])
+        positions = torch.cat([torch.arange(total - n, total)
+                               for total, n in zip(seq_lens, num_new)])
         req_of_token = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(num_new))
         block = self.block_table[req_of_token, positions // BLOCK_SIZE].long()
         starts = [0]
@@ -106,7 +107,8 @@ class PagedBatch:
             starts.append(starts[-1] + n)
         lens = torch.tensor(seq_lens, dtype=torch.int32)
         meta = AttentionMetadata(
-            is_prefill=seq_lens == num_new, slot_mapping=block * BLOCK_SIZE + positions % BLOCK_SIZE,
+            is_prefill=seq_lens == num_new,
+            slot_mapping=block * BLOCK_SIZE + positions % BLOCK_SIZE,
             query_start_loc=torch.tensor(starts, dtype=torch.int32), query_start_loc_cpu=starts,
             seq_lens=lens, local_seq_lens=lens, block_table=self.block_table,
             max_local_seq_len=max(seq_lens))
@@ -169,7 +171,8 @@ def _expected_shards(config, weights: dict, tp: int, rank: int) -> dict[str, tor
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     q_heads = list(range(rank * num_heads // tp, (rank + 1) * num_heads // tp))
     kv_heads = sorted({h // (num_heads // num_kv_heads) for h in q_heads})
-    inter = slice(rank * config.intermediate_size // tp, (rank + 1) * config.intermediate_size // tp)
+    local_inter = config.intermediate_size // tp
+    inter = slice(rank * local_inter, (rank + 1) * local_inter)
     expect = {}
     for name, full in weights.items():
         *parents, projection, leaf = name.split(".")
@@ -283,5 +286,6 @@ def test_qwen25_1p5b_shapes_on_meta_device():
     assert params["model.embed_tokens.weight"].shape == (151936, 1536)
     assert model.num_layers == 28
     spec = model.kv_cache_spec()
-    assert (spec.num_kv_heads, spec.head_size, spec.v_head_size, spec.shared) == (2, 128, 128, False)
+    assert (spec.num_kv_heads, spec.head_size, spec.v_head_size) == (2, 128, 128)
+    assert not spec.shared
     assert model.model.rotary_emb.cos_sin_cache.shape == (32768, 128)

@@ -118,10 +118,11 @@ class QKVParallelLinear(nn.Module):
         self.sizes = [q_heads.num_heads * head_dim, kv_heads.num_heads * head_dim,
                       kv_heads.num_heads * head_dim]
         self.weight = nn.Parameter(torch.empty(sum(self.sizes), hidden_size),
-                                   requires_grad=False)  # [(Hq + 2 Hkv) D / tp, hidden]
+                                   requires_grad=False)  # [(Hq_local + 2 Hkv_local) D, hidden]
         self.weight.weight_loader = self._load
-        self.bias = nn.Parameter(torch.empty(sum(self.sizes)), requires_grad=False) if bias else None
+        self.bias = None
         if bias:
+            self.bias = nn.Parameter(torch.empty(sum(self.sizes)), requires_grad=False)
             self.bias.weight_loader = self._load
 
     def _load(self, param: torch.Tensor, full: torch.Tensor, shard_id: int) -> None:

@@ -1,0 +1,282 @@
+"""Triton fused MoE for decode: (token, choice) pairs sorted by expert into BLOCK_M-padded segments,
+one grouped GEMM for gate and up together (silu(gate) * up), one for down (times the router
+weight), then a fixed-order sum over the choices. Buffers are sized from the shapes alone: no host
+sync, safe to capture in a CUDA graph, and fp32 results are reproducible."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    block_n: int  # output columns per program (gate/up: intermediate columns, each read twice)
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int  # pair rows per program; each expert's segment is padded to a multiple of it
+    gate_up: GemmTiles
+    down: GemmTiles
+
+
+# Tuned on one H200 for E=64, H=2048, I=1408 (TP1) and I=704 (TP2), bf16, uniform top-6
+# routing (benchmarks/moe_bench.py --tune): (largest batch, config), first match wins.
+_H200_CONFIGS = (
+    (1, MoeConfig(16, GemmTiles(32, 256, 4, 3), GemmTiles(32, 256, 4, 3))),
+    (8, MoeConfig(16, GemmTiles(32, 256, 4, 3), GemmTiles(64, 256, 4, 3))),
+    (32, MoeConfig(16, GemmTiles(32, 128, 4, 4), GemmTiles(64, 128, 4, 4))),
+    (64, MoeConfig(16, GemmTiles(64, 128, 4, 4), GemmTiles(64, 128, 4, 4))),
+    (128, MoeConfig(16, GemmTiles(128, 128, 4, 3), GemmTiles(128, 128, 4, 3))),
+    (256, MoeConfig(32, GemmTiles(128, 64, 4, 4), GemmTiles(256, 64, 4, 4))),
+    (1 << 62, MoeConfig(64, GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 4))),
+)
+_INTERPRETER_CONFIG = MoeConfig(16, GemmTiles(32, 32, 1, 1), GemmTiles(32, 32, 1, 1))
+
+
+def moe_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
+               dtype: torch.dtype) -> MoeConfig:
+    """Tiles for a launch, from static sizes only. Under TRITON_INTERPRET one small config (the
+    interpreter costs ~1 ms per program). fp32 halves BLOCK_K to keep the shared memory per stage."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _INTERPRETER_CONFIG
+    config = next(cfg for max_tokens, cfg in _H200_CONFIGS if num_tokens <= max_tokens)
+    if dtype == torch.float32:
+        config = MoeConfig(config.block_m, *(
+            GemmTiles(t.block_n, max(32, t.block_k // 2), t.num_warps, t.num_stages)
+            for t in (config.gate_up, config.down)))
+    return config
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, num_experts,
+                  max_blocks, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Program e: writes expert e's pairs (in pair order) and padding (num_pairs) into its
+    segment of sorted_pairs, e into block_experts for its blocks, and -1 into every
+    num_experts-th chunk of the unused blocks."""
+    expert = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        pairs = start + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+        hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < num_experts)
+        counts += tl.sum(hit.to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [BLOCK_E]
+    ends = tl.cumsum(padded, axis=0)
+    own = experts == expert
+    seg_end = tl.sum(tl.where(own, ends, 0), axis=0)
+    seg_start = seg_end - tl.sum(tl.where(own, padded, 0), axis=0)
+    seg_count = tl.sum(tl.where(own, counts, 0), axis=0)
+
+    num_before = tl.zeros([], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        pairs = start + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+        hit = (ids == expert).to(tl.int32)
+        rank = num_before + tl.cumsum(hit, axis=0) - hit  # [CHUNK]
+        tl.store(sorted_pairs_ptr + seg_start + rank, pairs, mask=hit > 0)
+        num_before += tl.sum(hit, axis=0)
+    pad_rows = seg_start + seg_count + tl.arange(0, BLOCK_M)
+    tl.store(sorted_pairs_ptr + pad_rows, num_pairs, mask=pad_rows < seg_end)
+
+    for first in range(seg_start // BLOCK_M, seg_end // BLOCK_M, CHUNK):
+        blocks = first + tl.arange(0, CHUNK)
+        tl.store(block_experts_ptr + blocks, expert, mask=blocks < seg_end // BLOCK_M)
+    used_blocks = tl.sum(padded, axis=0) // BLOCK_M
+    for first in range(used_blocks + expert * CHUNK, max_blocks, num_experts * CHUNK):
+        blocks = first + tl.arange(0, CHUNK)
+        tl.store(block_experts_ptr + blocks, -1, mask=blocks < max_blocks)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr,
+                    num_pairs, top_k, hidden_size, intermediate_size,
+                    x_stride_t, x_stride_h, w_stride_e, w_stride_n, w_stride_k, act_stride_r,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """act[rows, cols] = silu(x_t @ gate_e.T) * (x_t @ up_e.T) for one block of pair rows."""
+    block = tl.program_id(0)
+    expert = tl.load(block_experts_ptr + block)
+    if expert < 0:
+        return
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    row_mask = pairs < num_pairs  # padding rows load zeros
+    tokens = (pairs // top_k).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < intermediate_size
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tokens[:, None] * x_stride_t + ks[None, :] * x_stride_h  # [BM, BK]
+    gate_ptrs = (w13_ptr + expert.to(tl.int64) * w_stride_e + cols[None, :] * w_stride_n
+                 + ks[:, None] * w_stride_k)  # [BK, BN]
+    up_ptrs = gate_ptrs + intermediate_size * w_stride_n
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(0, hidden_size, BLOCK_K):
+        k_mask = ks < hidden_size - k_start
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            gate = tl.load(gate_ptrs, mask=col_mask[None, :], other=0.0)
+            up = tl.load(up_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            gate = tl.load(gate_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            up = tl.load(up_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        x = x.to(DOT_DTYPE)
+        acc_gate = tl.dot(x, gate.to(DOT_DTYPE), acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(x, up.to(DOT_DTYPE), acc_up, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * x_stride_h
+        gate_ptrs += BLOCK_K * w_stride_k
+        up_ptrs += BLOCK_K * w_stride_k
+    act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+    act_ptrs = act_ptr + rows[:, None].to(tl.int64) * act_stride_r + cols[None, :]
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_mask[None, :])
+
+
+@triton.jit
+def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr,
+                 weights_ptr, num_pairs, hidden_size, intermediate_size,
+                 act_stride_r, w_stride_e, w_stride_n, w_stride_k, out_stride_p,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """pair_out[pair, cols] = weight[pair] * (act[row] @ down_e.T) for one block of pair rows."""
+    block = tl.program_id(0)
+    expert = tl.load(block_experts_ptr + block)
+    if expert < 0:
+        return
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    row_mask = pairs < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < hidden_size
+    ks = tl.arange(0, BLOCK_K)
+    act_ptrs = act_ptr + rows[:, None].to(tl.int64) * act_stride_r + ks[None, :]  # [BM, BK]
+    w_ptrs = (w2_ptr + expert.to(tl.int64) * w_stride_e + cols[None, :] * w_stride_n
+              + ks[:, None] * w_stride_k)  # [BK, BN]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(0, intermediate_size, BLOCK_K):
+        if EVEN_K:
+            act = tl.load(act_ptrs)
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            k_mask = ks < intermediate_size - k_start
+            act = tl.load(act_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(act.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        act_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * w_stride_k
+    weight = tl.load(weights_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
+    out_ptrs = pair_out_ptr + pairs[:, None].to(tl.int64) * out_stride_p + cols[None, :]
+    tl.store(out_ptrs, acc * weight[:, None], mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _sum_choices_kernel(pair_out_ptr, ids_ptr, out_ptr, top_k, num_experts, hidden_size,
+                        out_stride_p, out_stride_t, BLOCK_H: tl.constexpr):
+    """out[t] = sum over k in order of pair_out[t*K + k], skipping pairs with no local expert."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < hidden_size
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in range(0, top_k):
+        pair = token * top_k + k
+        expert = tl.load(ids_ptr + pair)
+        local = (expert >= 0) & (expert < num_experts)
+        acc += tl.load(pair_out_ptr + pair.to(tl.int64) * out_stride_p + cols,
+                       mask=col_mask & local, other=0.0)
+    tl.store(out_ptr + token.to(tl.int64) * out_stride_t + cols,
+             acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> None:
+    if x.dim() != 2 or x.dtype not in _DOT_DTYPES:
+        raise ValueError(f"x must be [T, H] bfloat16, float16 or float32, got {tuple(x.shape)} "
+                         f"{x.dtype}")
+    num_tokens, hidden_size = x.shape
+    if (w13.dim() != 3 or w13.shape[1] % 2 or w13.shape[2] != hidden_size
+            or w13.dtype != x.dtype):
+        raise ValueError(f"w13 must be [E, 2*I, H={hidden_size}] {x.dtype}, got "
+                         f"{tuple(w13.shape)} {w13.dtype}")
+    num_experts, intermediate_size = w13.shape[0], w13.shape[1] // 2
+    if tuple(w2.shape) != (num_experts, hidden_size, intermediate_size) or w2.dtype != x.dtype:
+        raise ValueError(f"w2 must be [{num_experts}, {hidden_size}, {intermediate_size}] "
+                         f"{x.dtype}, got {tuple(w2.shape)} {w2.dtype}")
+    if (topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens
+            or topk_ids.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"topk_ids must be [T={num_tokens}, K] int32 or int64, got "
+                         f"{tuple(topk_ids.shape)} {topk_ids.dtype}")
+    if topk_weights.shape != topk_ids.shape or not topk_weights.dtype.is_floating_point:
+        raise ValueError(f"topk_weights must be {list(topk_ids.shape)} floating point, got "
+                         f"{tuple(topk_weights.shape)} {topk_weights.dtype}")
+    if any(t.device != x.device for t in (w13, w2, topk_ids, topk_weights)):
+        raise ValueError(f"w13, w2, topk_ids and topk_weights must be on x's device {x.device}")
+
+
+def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     config: MoeConfig | None = None) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k].
+
+    x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, K] (ids
+    outside [0, E), e.g. -1 for an expert held elsewhere, contribute nothing); topk_weights
+    [T, K]. Returns [T, H] in x's dtype, accumulated in fp32. config defaults to moe_config(...).
+    """
+    _check_inputs(x, w13, w2, topk_ids, topk_weights)
+    num_tokens, hidden_size = x.shape
+    num_experts, intermediate_size = w13.shape[0], w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    out = torch.empty(num_tokens, hidden_size, dtype=x.dtype, device=x.device)
+    if out.numel() == 0 or top_k == 0:
+        return out.zero_()
+    cfg = config or moe_config(num_tokens, num_experts, hidden_size, intermediate_size, x.dtype)
+    block_m = cfg.block_m
+    num_pairs = num_tokens * top_k
+    # Every expert's segment is padded by < BLOCK_M rows, and at most min(E, P) are non-empty.
+    max_blocks = (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
+    max_rows = max_blocks * block_m
+    flat_ids = topk_ids.reshape(-1)  # [P]
+    flat_weights = topk_weights.reshape(-1)  # [P]
+    sorted_pairs = torch.empty(max_rows, dtype=torch.int32, device=x.device)  # P = padding
+    block_experts = torch.empty(max_blocks, dtype=torch.int32, device=x.device)  # -1 = unused
+    act = torch.empty(max_rows, intermediate_size, dtype=x.dtype, device=x.device)  # [R, I]
+    pair_out = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)  # [P, H]
+
+    _align_kernel[(num_experts,)](
+        flat_ids, sorted_pairs, block_experts, num_pairs, num_experts, max_blocks,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), CHUNK=256)
+    # The interpreter computes bf16/fp16 dots wrongly: operands are upcast there. On the GPU
+    # 16-bit operands stay as they are (exact products, fp32 accumulation); fp32 uses IEEE dots.
+    upcast = x.dtype == torch.float32 or x.device.type != "cuda"
+    dot_dtype = tl.float32 if upcast else _DOT_DTYPES[x.dtype]
+    precision = "ieee" if upcast else "tf32"
+    tiles = cfg.gate_up
+    _gate_up_kernel[(max_blocks, triton.cdiv(intermediate_size, tiles.block_n))](
+        x, w13, act, sorted_pairs, block_experts, num_pairs, top_k, hidden_size,
+        intermediate_size, *x.stride(), *w13.stride(), act.stride(0),
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        EVEN_K=hidden_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    tiles = cfg.down
+    _down_kernel[(max_blocks, triton.cdiv(hidden_size, tiles.block_n))](
+        act, w2, pair_out, sorted_pairs, block_experts, flat_weights, num_pairs, hidden_size,
+        intermediate_size, act.stride(0), *w2.stride(), pair_out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,
+        DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    block_h = min(triton.next_power_of_2(hidden_size), 1024)
+    _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
+        pair_out, flat_ids, out, top_k, num_experts, hidden_size, pair_out.stride(0),
+        out.stride(0), BLOCK_H=block_h)
+    return out
