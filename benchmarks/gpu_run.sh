@@ -19,11 +19,12 @@ step() {  # step NAME TIMEOUT CMD...
   [ $rc -ne 0 ] && tail -5 "$OUT/$name.log"
 }
 BENCH="task=bench task.num_prompts=128 task.input_len=2 task.output_len=512 task.num_warmups=16 scheduler.max_num_seqs=128 print_config=false hydra.run.dir=$OUT/hydra"
-step gpu_tests 300 python3 -m pytest -q -m gpu tests -x -p no:cacheprovider
-step tiny_verify_torch 120 python3 cli.py task=verify model.dtype=float32 attention=torch graph=eager print_config=false hydra.run.dir=$OUT/hydra
-step tiny_verify_triton_graph 120 python3 cli.py task=verify model.dtype=float32 attention=triton graph=cuda print_config=false hydra.run.dir=$OUT/hydra
+MODE=${1:-all}   # all | quick (tests + one bench) | bench (benches only)
+[ "$MODE" != bench ] && step gpu_tests 300 python3 -m pytest -q -m gpu tests -x -p no:cacheprovider
+[ "$MODE" != bench ] && step tiny_verify_torch 120 python3 cli.py task=verify model.dtype=float32 attention=torch graph=eager print_config=false hydra.run.dir=$OUT/hydra
+[ "$MODE" != bench ] && step tiny_verify_triton_graph 120 python3 cli.py task=verify model.dtype=float32 attention=triton graph=cuda print_config=false hydra.run.dir=$OUT/hydra
 step dsv2lite_graph 300 python3 cli.py model=dsv2lite $BENCH
-[ "${1:-}" = quick ] && { cat "$summary"; exit 0; }
+[ "$MODE" = quick ] && { cat "$summary"; exit 0; }
 step dsv2lite_eager 300 python3 cli.py model=dsv2lite graph=eager $BENCH
 step qwen_graph 200 python3 cli.py model=qwen2_5_1_5b $BENCH
 step dsv2lite_batch1 200 python3 cli.py model=dsv2lite task=bench task.num_prompts=4 task.input_len=2 task.output_len=256 task.num_warmups=1 task.max_concurrency=1 scheduler.max_num_seqs=1 print_config=false hydra.run.dir=$OUT/hydra

@@ -40,7 +40,7 @@ _H200_CONFIGS = (
     (256, MoeConfig(32, GemmTiles(128, 64, 4, 4), GemmTiles(256, 64, 4, 4))),
     (1 << 62, MoeConfig(64, GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 4))),
 )
-_INTERPRETER_CONFIG = MoeConfig(16, GemmTiles(32, 32, 1, 1), GemmTiles(32, 32, 1, 1))
+_INTERPRETER_CONFIG = MoeConfig(16, GemmTiles(64, 64, 1, 1), GemmTiles(64, 64, 1, 1))
 
 
 def moe_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
@@ -255,7 +255,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
     _align_kernel[(num_experts,)](
         flat_ids, sorted_pairs, block_experts, num_pairs, num_experts, max_blocks,
-        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), CHUNK=256)
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
+        CHUNK=min(256, max(16, triton.next_power_of_2(num_pairs))))
     # The interpreter computes bf16/fp16 dots wrongly: operands are upcast there. On the GPU
     # 16-bit operands stay as they are (exact products, fp32 accumulation); fp32 uses IEEE dots.
     upcast = x.dtype == torch.float32 or x.device.type != "cuda"

@@ -81,9 +81,10 @@ def _paged_decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         tok_mask = pos < end
-        block = tl.load(block_table_ptr + req * table_stride_r + (pos // block_size) * table_stride_b,
-                        mask=tok_mask, other=0).to(tl.int64)
-        k_rows = k_ptr + block * k_stride_b + (pos % block_size) * k_stride_o + kv_head * k_stride_h
+        block = tl.load(block_table_ptr + req * table_stride_r
+                        + (pos // block_size) * table_stride_b, mask=tok_mask, other=0).to(tl.int64)
+        k_rows = (k_ptr + block * k_stride_b + (pos % block_size) * k_stride_o
+                  + kv_head * k_stride_h)
         k1 = tl.load(k_rows[:, None] + d1[None, :] * k_stride_d,
                      mask=tok_mask[:, None] & (d1 < HEAD_DIM_K)[None, :], other=0.0).to(DOT_DTYPE)
         scores = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
@@ -124,8 +125,8 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
     if (q.dim() != 3 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
             or q.shape[2] < 1):
-        raise ValueError(f"q must be [R, H, Dk >= 1] float16/bfloat16/float32, got {tuple(q.shape)} "
-                         f"{q.dtype}")
+        raise ValueError(f"q must be [R, H, Dk >= 1] float16/bfloat16/float32, got "
+                         f"{tuple(q.shape)} {q.dtype}")
     num_reqs, num_heads, head_dim_k = q.shape
     if k_cache.dim() != 4 or k_cache.shape[3] != head_dim_k or k_cache.dtype != q.dtype:
         raise ValueError(f"k_cache must be [num_blocks, B, Hkv, {head_dim_k}] {q.dtype}, got "
@@ -137,7 +138,8 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if k_cache.shape[2] < 1 or num_heads % k_cache.shape[2]:
         raise ValueError(f"q's {num_heads} heads must be a multiple of the cache's "
                          f"{k_cache.shape[2]} kv heads")
-    if block_table.dim() != 2 or block_table.shape[0] != num_reqs or block_table.dtype != torch.int32:
+    if (block_table.dim() != 2 or block_table.shape[0] != num_reqs
+            or block_table.dtype != torch.int32):
         raise ValueError(f"block_table must be [R={num_reqs}, max_num_blocks] int32, got "
                          f"{tuple(block_table.shape)} {block_table.dtype}")
     if tuple(seq_lens.shape) != (num_reqs,) or seq_lens.dtype != torch.int32:
@@ -198,11 +200,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                device=q.device)
     _paged_decode_kernel[(num_reqs, num_kv_heads * num_head_blocks, cfg.num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_out, part_lse,
-        scale * _LOG2E, group_size, num_head_blocks, block_size, max_context, *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
-        *part_out.stride(), *part_lse.stride(),
+        scale * _LOG2E, group_size, num_head_blocks, block_size, max_context, *q.stride(),
+        *k_cache.stride(), *v_cache.stride(), *block_table.stride(), *part_out.stride(),
+        *part_lse.stride(),
         HEAD_DIM_K=head_dim_k, HEAD_DIM_V=head_dim_v, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
-        BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, V_FROM_K=v_from_k, DOT_DTYPE=dot_dtype,
-        DOT_PRECISION="ieee" if upcast else "tf32",
+        BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, V_FROM_K=v_from_k,
+        DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if upcast else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.num_splits == 1:
         return out, lse

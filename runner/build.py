@@ -66,7 +66,7 @@ def check_config(cfg: DictConfig, objects: dict | None = None, device: torch.dev
                           "use a smaller model (model=tiny) or run on a GPU machine")
     hf_config = loader.hf_config()
     max_model_len = loader.max_model_len()
-    if sched.max_num_batched_tokens < max_model_len:
+    if sched.max_num_batched_tokens is not None and sched.max_num_batched_tokens < max_model_len:
         raise RunnerError(f"scheduler.max_num_batched_tokens={sched.max_num_batched_tokens} must be"
                           f" >= max_model_len={max_model_len} (no chunked prefill): raise it or"
                           f" lower model.max_model_len")
@@ -147,7 +147,7 @@ def build_runner(cfg: DictConfig, **objects) -> Runner:
     tokenizer = load_tokenizer(loader.path) if loader.path else None
     runner = Runner(model, plan.wrap_attention(attention), block_table, plan, graph, num_blocks,
                     max_model_len, cfg.scheduler.max_num_seqs,
-                    cfg.scheduler.max_num_batched_tokens, device, kv_dtype,
+                    cfg.scheduler.max_num_batched_tokens or max_model_len, device, kv_dtype,
                     eos_token_ids(loader.path, loader.hf_config()), tokenizer)
     runner.loader = loader
     if loader.load_format == "safetensors":

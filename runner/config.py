@@ -100,7 +100,7 @@ class VerifyTaskConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 64  # requests decoded together
-    max_num_batched_tokens: int = 8192  # tokens in one prefill step (>= max_model_len)
+    max_num_batched_tokens: Optional[int] = None  # tokens in one prefill step; null: max_model_len
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The README's config reference, generated from conf/ and the schemas so it cannot drift:
-`python -m runner.config_docs` prints it; a test checks the README holds the same text."""
+`python -m runner.config_docs` prints it, `--write` updates README.md; a test checks they agree."""
 from __future__ import annotations
 
 import dataclasses
@@ -70,5 +70,17 @@ def reference() -> str:
     return "\n".join(lines)
 
 
+def readme_section(readme: str) -> str:
+    """The text between the README's reference markers."""
+    return readme.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def write_readme(path: Path = CONF_DIR.parent / "README.md") -> None:
+    text = path.read_text()
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{reference()}\n{END}{rest.split(END, 1)[1]}")
+
+
 if __name__ == "__main__":
-    print(reference())
+    import sys
+    write_readme() if "--write" in sys.argv else print(reference())

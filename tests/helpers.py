@@ -49,8 +49,9 @@ KINDS = {"deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM, _DEEPSEEK_V2),
 
 def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
     """Overwrite every parameter from a generator seeded with `seed`: norm weights ~ 1 + 0.2 N,
-    embeddings 0.5 N, everything else (projections, biases, routers, experts) 0.1 N.
-    Initialization leaves norms at exactly 1 and biases at 0, which would hide loader bugs."""
+    embeddings 0.1 N, everything else (projections, biases, routers, experts) 0.2 N.
+    Initialization leaves norms at exactly 1 and biases at 0, which would hide loader bugs; these
+    scales give varied greedy continuations (no one-token loops, even with tied embeddings)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():  # definition order: deterministic
@@ -58,9 +59,9 @@ def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
             if name.endswith("norm.weight"):
                 param.copy_(1 + 0.2 * noise)
             elif "embed_tokens" in name:
-                param.copy_(0.5 * noise)
-            else:
                 param.copy_(0.1 * noise)
+            else:
+                param.copy_(0.2 * noise)
 
 
 def make_checkpoint(path, kind: str, *, seed: int = 0, max_shard_size: str | None = None,

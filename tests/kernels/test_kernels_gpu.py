@@ -61,6 +61,7 @@ def test_merge_states(num_states, head_dim, dtype):
     lses[:, 3] = float("-inf")  # token 3: every part empty, with NaN outputs
     outs[:, 3] = float("nan")
     lses[0, 5], outs[0, 5] = float("inf"), float("nan")  # part 0 of token 5 empty
+    lses[1, 6], outs[1, 6] = float("nan"), float("nan")  # part 1 of token 6 empty
     tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     out, lse = merge_states(outs, lses)
     ref_out, ref_lse = merge_states_ref(outs, lses)

@@ -8,7 +8,8 @@ import torch
 from kernels.paged_decode import paged_decode, paged_decode_ref
 
 # The interpreter warns when a loop bound comes from a kernel argument (NumPy deprecation).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
 def _decode_case(seq_lens, num_heads, num_kv_heads, head_dim_k, head_dim_v, mla, block_size,
