@@ -112,7 +112,7 @@ def reference_model(path: str) -> torch.nn.Module:
 
 
 def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int,
-                     eos_token_id: int | None = None) -> list[int]:
+                     eos_token_id: int | list[int] | None = None) -> list[int]:
     """transformers' generate(do_sample=False) for one prompt: the new tokens (EOS included
     when it stops on `eos_token_id`; None: runs to max_tokens)."""
     input_ids = torch.tensor([prompt])  # [1, L]
@@ -121,6 +121,24 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int,
                              max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
                              eos_token_id=eos_token_id)
     return out[0, len(prompt):].tolist()
+
+
+class GreedyReference:
+    """A checkpoint folder with transformers' model read from it; greedy continuations are
+    computed once per (prompt, max_tokens, eos) and reused by every test that asks."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.model = reference_model(path)
+        self.vocab_size = self.model.config.vocab_size
+        self._cache: dict[tuple, list[int]] = {}
+
+    def greedy(self, prompt: list[int], max_tokens: int,
+               eos_token_id: int | list[int] | None = None) -> list[int]:
+        key = (tuple(prompt), max_tokens, str(eos_token_id))
+        if key not in self._cache:
+            self._cache[key] = reference_greedy(self.model, prompt, max_tokens, eos_token_id)
+        return self._cache[key]
 
 
 def random_prompts(lengths: list[int], vocab_size: int, seed: int = 1) -> list[list[int]]:

@@ -20,17 +20,13 @@ def _scheduler(num_blocks: int = 64, max_num_seqs: int = 8, max_num_batched_toke
                      max_model_len)
 
 
-def _add(scheduler: Scheduler, prompt_lens: list[int], max_tokens: int = 8) -> list[Request]:
-    first = sum(len(r.prompt_token_ids) > 0 for r in _all_requests(scheduler))
-    requests = [Request(first + i, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens))
+def _add(scheduler: Scheduler, prompt_lens: list[int], max_tokens: int = 8,
+         first_id: int = 0) -> list[Request]:
+    requests = [Request(first_id + i, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens))
                 for i, n in enumerate(prompt_lens)]
     for request in requests:
         scheduler.add(request)
     return requests
-
-
-def _all_requests(scheduler: Scheduler) -> list[Request]:
-    return list(scheduler.waiting) + scheduler.running
 
 
 def _ids(batch: ScheduledBatch | None) -> tuple[bool, list[int]] | None:
@@ -43,20 +39,23 @@ def _sample(batch: ScheduledBatch, token: int = 7) -> None:
         request.output_token_ids.append(token)
 
 
-def _check_blocks(scheduler: Scheduler) -> None:
-    """Running requests hold disjoint blocks, enough for their tokens; waiting ones hold none;
-    held + free = all blocks."""
+def _check_blocks(scheduler: Scheduler, batch: ScheduledBatch | None) -> None:
+    """Right after schedule(): running requests hold disjoint blocks, with room for every token
+    this step writes (all tokens of a scheduled request; all but the newest, not yet written, of
+    the others); waiting requests hold none; held + free = all blocks."""
     held = [b for r in scheduler.running for b in r.block_ids]
     assert len(held) == len(set(held))
-    assert all(-(-r.num_tokens // BLOCK) <= len(r.block_ids) for r in scheduler.running)
-    assert all(not r.block_ids for r in scheduler.waiting)
     assert len(held) + scheduler.allocator.num_free == scheduler.allocator.num_blocks
-    assert set(held).isdisjoint(scheduler.allocator._free)
+    scheduled = batch.requests if batch else []
+    for request in scheduler.running:
+        num_written = request.num_tokens - (request not in scheduled)
+        assert len(request.block_ids) >= -(-num_written // BLOCK)
+    assert all(not r.block_ids for r in scheduler.waiting)
 
 
 def test_admission_stops_at_max_num_seqs():
     scheduler = _scheduler(max_num_seqs=2)
-    a, b, c = _add(scheduler, [3, 5, 2])
+    a = _add(scheduler, [3, 5, 2])[0]
     batch = scheduler.schedule()
     assert _ids(batch) == (True, [0, 1])
     _sample(batch)
@@ -64,10 +63,11 @@ def test_admission_stops_at_max_num_seqs():
     assert _ids(batch) == (False, [0, 1])  # c waits: two are running
     _sample(batch)
     scheduler.finish(a, "length")
-    assert _ids(scheduler.schedule()) == (True, [2])  # a's seat goes to c, prefill first
+    batch = scheduler.schedule()
+    assert _ids(batch) == (True, [2])  # a's seat goes to c, prefill first
     assert [r.req_id for r in scheduler.running] == [1, 2] and not scheduler.waiting
     assert scheduler.log.joined_while_decoding == 1
-    _check_blocks(scheduler)
+    _check_blocks(scheduler, batch)
 
 
 def test_admission_stops_at_max_num_batched_tokens():
@@ -95,12 +95,12 @@ def test_admission_waits_for_blocks_in_arrival_order():
     assert _ids(batch) == (True, [0])  # request 2 would fit but does not overtake request 1
     assert [r.req_id for r in scheduler.waiting] == [1, 2]
     assert scheduler.allocator.num_free == 1
-    _check_blocks(scheduler)
+    _check_blocks(scheduler, batch)
 
 
 def test_preempts_newest_first_and_returns_their_blocks():
     scheduler = _scheduler(num_blocks=5)
-    a, b, c, d = _add(scheduler, [7, 3, 3, 3])  # 2 + 1 + 1 + 1 blocks: the cache is full
+    a, _, c, d = _add(scheduler, [7, 3, 3, 3])  # 2 + 1 + 1 + 1 blocks: the cache is full
     batch = scheduler.schedule()
     assert _ids(batch) == (True, [0, 1, 2, 3]) and scheduler.allocator.num_free == 0
     _sample(batch)  # a 8, b 4, c 4, d 4 tokens: every block still has room
@@ -117,12 +117,12 @@ def test_preempts_newest_first_and_returns_their_blocks():
         assert request.block_ids == [] and request.output_token_ids == [7, 7]
     assert scheduler.log.num_preemptions == 2
     assert scheduler.log.events == ["preempt 3 at 5 tokens", "preempt 2 at 5 tokens"]
-    _check_blocks(scheduler)
+    _check_blocks(scheduler, batch)
 
 
 def test_preempted_request_recomputes_all_its_tokens():
     scheduler = _scheduler(num_blocks=5)
-    a, b, c, d = _add(scheduler, [7, 3, 3, 3])
+    a, b, _, _ = _add(scheduler, [7, 3, 3, 3])
     for _ in range(3):
         batch = scheduler.schedule()
         _sample(batch)
@@ -133,25 +133,25 @@ def test_preempted_request_recomputes_all_its_tokens():
     assert _ids(batch) == (True, [2, 3])
     assert [r.num_tokens for r in batch.requests] == [5, 5]  # prompt + the outputs so far
     assert [len(r.block_ids) for r in batch.requests] == [2, 2]
-    _check_blocks(scheduler)
+    _check_blocks(scheduler, batch)
 
 
-def test_oldest_request_preempts_all_others_to_finish():
+def test_oldest_request_always_finishes():
     scheduler = _scheduler(num_blocks=4, max_model_len=16)
     a, b = _add(scheduler, [4, 4], max_tokens=12)
-    _sample(scheduler.schedule())
-    while b.status == Status.RUNNING:
+    for _ in range(5):  # prefill, then decode to 9 tokens each: all 4 blocks in use
         _sample(scheduler.schedule())
-    assert b.num_preemptions == 1 and a.num_preemptions == 0
-    while a.num_tokens < 16:  # a grows to 4 blocks, b waits
+    assert a.num_tokens == b.num_tokens == 9 and scheduler.allocator.num_free == 0
+    while a.num_tokens < 16:  # b gives way; it cannot come back (3 blocks) while a runs
         batch = scheduler.schedule()
-        assert _ids(batch) in ((False, [0]), (True, [1]))
+        assert _ids(batch) == (False, [0])
+        _check_blocks(scheduler, batch)
         _sample(batch)
-        _check_blocks(scheduler)
-        if b.status == Status.RUNNING and a.num_tokens > 12:
-            break
+    assert b.num_preemptions == 1 and a.num_preemptions == 0 and len(a.block_ids) == 4
     scheduler.finish(a, "length")
-    assert scheduler.allocator.num_free == 4 - len(b.block_ids)
+    batch = scheduler.schedule()
+    assert _ids(batch) == (True, [1]) and len(b.block_ids) == 3
+    _check_blocks(scheduler, batch)
 
 
 def test_fits_alone_uses_prompt_plus_max_tokens_capped_by_max_model_len():
@@ -169,19 +169,16 @@ def test_nothing_to_schedule():
 
 
 def _random_workload(seed: int, schedulers: list[Scheduler]) -> list[tuple]:
-    """Feed every scheduler the same random calls (arrivals, steps, finishes); return the trace
-    of batches (is_prefill, req ids, block ids) of the first, checking that all agree."""
+    """Feed every scheduler the same seeded random calls (arrivals, steps, early stops); check the
+    invariants after each step; return the batches (is_prefill, req ids, block ids), which must
+    be the same for all."""
     rng = random.Random(seed)
-    requests = [[] for _ in schedulers]
     trace = []
-    next_id = 0
-    for _ in range(120):
+    for step in range(150):
         if rng.random() < 0.3:
             n, max_tokens = rng.randint(1, 20), rng.randint(1, 30)
-            for s, reqs in zip(schedulers, requests):
-                reqs.append(Request(next_id, [5] * n, SamplingParams(max_tokens=max_tokens)))
-                s.add(reqs[-1])
-            next_id += 1
+            for s in schedulers:
+                s.add(Request(step, [5] * n, SamplingParams(max_tokens=max_tokens)))
         batches = [s.schedule() for s in schedulers]
         if batches[0] is None:
             assert all(b is None for b in batches)
@@ -190,24 +187,26 @@ def _random_workload(seed: int, schedulers: list[Scheduler]) -> list[tuple]:
                  [list(r.block_ids) for r in b.requests]) for b in batches]
         assert all(k == keys[0] for k in keys)
         trace.append(keys[0])
+        stops = [rng.random() < 0.05 for _ in batches[0].requests]
         for s, batch in zip(schedulers, batches):
-            _check_blocks(s)
+            _check_blocks(s, batch)
             assert len(s.running) <= s.max_num_seqs
             if batch.is_prefill and len(batch.requests) > 1:
                 assert sum(r.num_tokens for r in batch.requests) <= s.max_num_batched_tokens
-            for request in list(batch.requests):
-                request.output_token_ids.append(rng.randrange(100) if s is schedulers[0]
-                                                else request.output_token_ids[-1:] or 0)
-                if len(request.output_token_ids) >= request.params.max_tokens:
-                    s.finish(request, "length")
+            _sample(batch)
+            for request, stop in zip(batch.requests, stops):
+                if stop or len(request.output_token_ids) >= request.params.max_tokens:
+                    s.finish(request, "stop" if stop else "length")
     return trace
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_workload_keeps_invariants_and_is_deterministic(seed):
-    make = lambda: _scheduler(num_blocks=12, max_num_seqs=4, max_num_batched_tokens=40)
+    def make() -> Scheduler:
+        return _scheduler(num_blocks=12, max_num_seqs=4, max_num_batched_tokens=40)
+
     schedulers = [make(), make()]
     trace = _random_workload(seed, schedulers)
-    assert trace == _random_workload(seed, [make()])
+    assert trace == _random_workload(seed, [make()])  # a fresh one, fed alone
     assert schedulers[0].log == schedulers[1].log
-    assert any(not prefill for prefill, _, _ in trace)
+    assert schedulers[0].log.num_preemptions > 0 and schedulers[0].log.joined_while_decoding > 0
