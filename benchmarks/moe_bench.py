@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing as mp
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,10 +28,13 @@ NUM_LAYERS = 4  # distinct weights per timed call, so the L2 cache cannot hold a
 TUNE_BLOCK_K = (64, 128, 256)
 TUNE_WARPS = (4,)
 TUNE_STAGES = (3, 4)
+TUNE_BLOCK_N = {"gate_up": (16, 32, 64, 128), "down": (32, 64, 128, 256)}
+COMPILE_WORKERS = 8
 
 
-def make_inputs(num_tokens: int, intermediate_size: int, args: argparse.Namespace):
-    """x [T, H] bf16, uniform random top-K routing ([T, K] ids and weights), and NUM_LAYERS
+def make_inputs(num_tokens: int, intermediate_size: int, args: argparse.Namespace,
+                num_layers: int = NUM_LAYERS):
+    """x [T, H] bf16, uniform random top-K routing ([T, K] ids and weights), and num_layers
     weight pairs (w13 [E, 2I, H], w2 [E, H, I]) bf16."""
     gen = torch.Generator(device="cuda").manual_seed(args.seed + num_tokens)
     hidden, num_experts = args.hidden_size, args.num_experts
@@ -41,18 +46,55 @@ def make_inputs(num_tokens: int, intermediate_size: int, args: argparse.Namespac
                              generator=gen) * hidden ** -0.5).to(torch.bfloat16),
                 (torch.randn(num_experts, hidden, intermediate_size, device="cuda",
                              generator=gen) * intermediate_size ** -0.5).to(torch.bfloat16))
-               for _ in range(NUM_LAYERS)]
+               for _ in range(num_layers)]
     return x, topk_ids, topk_weights, weights
 
 
-def time_layer_us(moe, inputs, **kwargs) -> float:
-    """Median time of one layer: NUM_LAYERS layers captured in a CUDA graph, replayed."""
+def time_layer_us(moe, inputs, rep_ms: int = 50, **kwargs) -> float:
+    """Median time of one layer: the layers run back to back in a CUDA graph, replayed."""
     x, topk_ids, topk_weights, weights = inputs
 
     def run_layers():
         for w13, w2 in weights:
             moe(x, w13, w2, topk_ids, topk_weights, **kwargs)
-    return do_bench_cudagraph(run_layers, rep=50, return_mode="median") * 1e3 / NUM_LAYERS
+    return do_bench_cudagraph(run_layers, rep=rep_ms, return_mode="median") * 1e3 / len(weights)
+
+
+def tune_candidates(base: MoeConfig, num_tokens: int) -> dict[int, dict[str, list[GemmTiles]]]:
+    """Per BLOCK_M (16, and larger ones when experts get several rows), the tiles to try for
+    each GEMM."""
+    block_ms = [m for m in (16, 32, 64) if m == 16 or m <= num_tokens // 4]
+    return {block_m: {gemm: [GemmTiles(*tiles) for tiles in itertools.product(
+        block_ns, TUNE_BLOCK_K, TUNE_WARPS, TUNE_STAGES)] for gemm, block_ns in
+        TUNE_BLOCK_N.items()} for block_m in block_ms}
+
+
+def _compile(num_tokens: int, intermediate_size: int, args: argparse.Namespace,
+             configs: list[MoeConfig]) -> None:
+    """Worker: run each config once, so Triton's disk cache holds its kernels."""
+    inputs = make_inputs(num_tokens, intermediate_size, args, num_layers=1)
+    x, topk_ids, topk_weights, ((w13, w2),) = inputs
+    for config in configs:
+        try:
+            fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config=config)
+        except OutOfResources:
+            pass
+    torch.cuda.synchronize()
+
+
+def precompile(num_tokens: int, intermediate_size: int, args: argparse.Namespace,
+               base: MoeConfig) -> None:
+    """Compile every candidate kernel in parallel processes (a GEMM's kernel depends only on
+    BLOCK_M and its own tiles)."""
+    configs = [MoeConfig(block_m, tiles, base.down) if gemm == "gate_up" else
+               MoeConfig(block_m, base.gate_up, tiles)
+               for block_m, grids in tune_candidates(base, num_tokens).items()
+               for gemm, grid in grids.items() for tiles in grid]
+    with ProcessPoolExecutor(COMPILE_WORKERS, mp_context=mp.get_context("spawn")) as pool:
+        jobs = [pool.submit(_compile, num_tokens, intermediate_size, args,
+                            configs[i::COMPILE_WORKERS]) for i in range(COMPILE_WORKERS)]
+        for job in jobs:
+            job.result()
 
 
 def fastest(inputs, configs: list[MoeConfig]) -> tuple[MoeConfig, float]:
@@ -60,27 +102,22 @@ def fastest(inputs, configs: list[MoeConfig]) -> tuple[MoeConfig, float]:
     best = (configs[0], float("inf"))
     for config in configs:
         try:
-            us = time_layer_us(fused_moe_triton, inputs, config=config)
+            us = time_layer_us(fused_moe_triton, inputs, rep_ms=20, config=config)
         except OutOfResources:
             continue
         best = min(best, (config, us), key=lambda item: item[1])
     return best
 
 
-def tile_grid(block_ns: tuple[int, ...]) -> list[GemmTiles]:
-    return [GemmTiles(*tiles) for tiles in
-            itertools.product(block_ns, TUNE_BLOCK_K, TUNE_WARPS, TUNE_STAGES)]
-
-
 def tune(inputs, base: MoeConfig, num_tokens: int) -> tuple[MoeConfig, float]:
     """Per BLOCK_M, the best gate/up tiles (down at base), then the best down tiles with them;
     the fastest of those and base."""
-    best = (base, time_layer_us(fused_moe_triton, inputs, config=base))
-    for block_m in (m for m in (16, 32, 64) if m <= max(16, num_tokens // 2)):
+    best = (base, time_layer_us(fused_moe_triton, inputs, rep_ms=20, config=base))
+    for block_m, grids in tune_candidates(base, num_tokens).items():
         gate_up = fastest(inputs, [MoeConfig(block_m, tiles, base.down)
-                                   for tiles in tile_grid((16, 32, 64, 128))])[0].gate_up
+                                   for tiles in grids["gate_up"]])[0].gate_up
         candidate = fastest(inputs, [MoeConfig(block_m, gate_up, tiles)
-                                     for tiles in tile_grid((32, 64, 128, 256))])
+                                     for tiles in grids["down"]])
         best = min(best, candidate, key=lambda item: item[1])
     return best
 
@@ -104,32 +141,41 @@ def measure(num_tokens: int, intermediate_size: int, args: argparse.Namespace) -
            "torch_tbps": weight_bytes / torch_us * 1e-6,
            "max_rel_err": max_rel_err, "config": asdict(config)}
     if args.tune:
+        precompile(num_tokens, intermediate_size, args, config)
         best, best_us = tune(inputs, config, num_tokens)
         row.update(tuned_us=best_us, tuned_tbps=weight_bytes / best_us * 1e-6,
                    tuned_config=asdict(best))
     return row
 
 
-def print_table(rows: list[dict], tuned: bool) -> None:
-    head = (f"{'I':>5} {'batch':>5} {'experts':>7} {'triton us':>9} {'TB/s':>5} "
-            f"{'torch us':>8} {'TB/s':>5} {'speedup':>7} {'rel err':>8}")
-    print(head + ("  tuned us  TB/s" if tuned else ""))
-    for r in rows:
-        line = (f"{r['intermediate_size']:>5} {r['batch']:>5} {r['experts_touched']:>7} "
-                f"{r['triton_us']:>9.1f} {r['triton_tbps']:>5.2f} {r['torch_us']:>8.1f} "
-                f"{r['torch_tbps']:>5.2f} {r['torch_us'] / r['triton_us']:>6.2f}x "
-                f"{r['max_rel_err']:>8.1e}")
-        if tuned:
-            line += f"  {r['tuned_us']:>8.1f} {r['tuned_tbps']:>5.2f}"
-        print(line, flush=True)
+MAX_REL_ERR = 2e-2  # bf16 results of the two paths differ by their roundings only
+
+
+def table_line(row: dict | None, tuned: bool) -> str:
+    """One row of the results table, or its header for None."""
+    if row is None:
+        return (f"{'I':>5} {'batch':>5} {'experts':>7} {'triton us':>9} {'TB/s':>5} "
+                f"{'torch us':>8} {'TB/s':>5} {'speedup':>7} {'rel err':>8}"
+                + ("  tuned us  TB/s" if tuned else ""))
+    line = (f"{row['intermediate_size']:>5} {row['batch']:>5} {row['experts_touched']:>7} "
+            f"{row['triton_us']:>9.1f} {row['triton_tbps']:>5.2f} {row['torch_us']:>8.1f} "
+            f"{row['torch_tbps']:>5.2f} {row['torch_us'] / row['triton_us']:>6.2f}x "
+            f"{row['max_rel_err']:>8.1e}" + ("!" if row["max_rel_err"] > MAX_REL_ERR else ""))
     if tuned:
-        print("\nbest configs (paste into kernels/fused_moe.py):")
+        line += f"  {row['tuned_us']:>8.1f} {row['tuned_tbps']:>5.2f}"
+    return line
+
+
+def print_tuned_configs(rows: list[dict]) -> None:
+    """The best configs as entries of kernels/fused_moe.py's _H200_CONFIGS, per I."""
+    for intermediate_size in dict.fromkeys(r["intermediate_size"] for r in rows):
+        print(f"\nbest configs for I={intermediate_size} (entries of _H200_CONFIGS):")
         for r in rows:
-            c = r["tuned_config"]
-            tiles = ", ".join(f"GemmTiles({t['block_n']}, {t['block_k']}, {t['num_warps']}, "
-                              f"{t['num_stages']})" for t in (c["gate_up"], c["down"]))
-            print(f"  I={r['intermediate_size']} batch {r['batch']}: "
-                  f"MoeConfig({c['block_m']}, {tiles})")
+            if r["intermediate_size"] == intermediate_size:
+                c = r["tuned_config"]
+                tiles = ", ".join(f"GemmTiles({t['block_n']}, {t['block_k']}, {t['num_warps']}, "
+                                  f"{t['num_stages']})" for t in (c["gate_up"], c["down"]))
+                print(f"    ({r['batch']}, MoeConfig({c['block_m']}, {tiles})),")
 
 
 def main() -> None:
@@ -145,17 +191,23 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("moe_bench.py needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}, E={args.num_experts}, H={args.hidden_size}, "
+          f"top-{args.top_k}, bf16, us per layer (CUDA graph replay, median), TB/s of the "
+          f"expert weights touched", flush=True)
+    print(table_line(None, args.tune), flush=True)
     rows = []
     for intermediate_size in args.intermediate_sizes:
         for num_tokens in args.batches:
             rows.append(measure(num_tokens, intermediate_size, args))
-            print_table(rows[-1:], args.tune)
-    print(f"\n{torch.cuda.get_device_name()}, E={args.num_experts}, H={args.hidden_size}, "
-          f"top-{args.top_k}, bf16, CUDA graph replay (median)")
-    print_table(rows, args.tune)
+            print(table_line(rows[-1], args.tune), flush=True)
+    if args.tune:
+        print_tuned_configs(rows)
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
-                                       indent=1))
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                        "settings": settings, "rows": rows}, indent=1))
+    if any(r["max_rel_err"] > MAX_REL_ERR for r in rows):
+        sys.exit(f"max rel err above {MAX_REL_ERR} (marked !)")
 
 
 if __name__ == "__main__":

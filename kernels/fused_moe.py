@@ -1,7 +1,6 @@
-"""Triton fused MoE for decode: (token, choice) pairs sorted by expert into BLOCK_M-padded segments,
-one grouped GEMM for gate and up together (silu(gate) * up), one for down (times the router
-weight), then a fixed-order sum over the choices. Buffers are sized from the shapes alone: no host
-sync, safe to capture in a CUDA graph, and fp32 results are reproducible."""
+"""Triton fused MoE for decode: pairs (token, choice) sorted by expert into BLOCK_M-padded segments,
+a grouped GEMM for gate and up (silu(gate) * up), one for down (times the router weight), a
+fixed-order sum over choices. Worst-case static buffers: no host sync, CUDA-graph safe."""
 from __future__ import annotations
 
 import os
@@ -29,8 +28,10 @@ class MoeConfig:
     down: GemmTiles
 
 
-# Tuned on one H200 for E=64, H=2048, I=1408 (TP1) and I=704 (TP2), bf16, uniform top-6
-# routing (benchmarks/moe_bench.py --tune): (largest batch, config), first match wins.
+# One H200, E=64, H=2048, I=1408 (TP1) or 704 (TP2), bf16, uniform top-6 routing: (largest
+# batch, config), first match wins. Starting points from perf.md section 9 (a plain grouped GEMM
+# whose gate/up BLOCK_N spanned 2I rows: halved here, where one program reads gate and up);
+# refine with `python benchmarks/moe_bench.py --tune` and paste its output here.
 _H200_CONFIGS = (
     (1, MoeConfig(16, GemmTiles(32, 256, 4, 3), GemmTiles(32, 256, 4, 3))),
     (8, MoeConfig(16, GemmTiles(32, 256, 4, 3), GemmTiles(64, 256, 4, 3))),
@@ -38,18 +39,23 @@ _H200_CONFIGS = (
     (64, MoeConfig(16, GemmTiles(64, 128, 4, 4), GemmTiles(64, 128, 4, 4))),
     (128, MoeConfig(16, GemmTiles(128, 128, 4, 3), GemmTiles(128, 128, 4, 3))),
     (256, MoeConfig(32, GemmTiles(128, 64, 4, 4), GemmTiles(256, 64, 4, 4))),
-    (1 << 62, MoeConfig(64, GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 4))),
 )
+_LARGE_BATCH_CONFIG = MoeConfig(64, GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 4))
 _INTERPRETER_CONFIG = MoeConfig(16, GemmTiles(64, 64, 1, 1), GemmTiles(64, 64, 1, 1))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def moe_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
                dtype: torch.dtype) -> MoeConfig:
     """Tiles for a launch, from static sizes only. Under TRITON_INTERPRET one small config (the
-    interpreter costs ~1 ms per program). fp32 halves BLOCK_K to keep the shared memory per stage."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    interpreter costs ~1 ms per program). fp32 halves BLOCK_K: the same shared memory per stage."""
+    if _interpreting():
         return _INTERPRETER_CONFIG
-    config = next(cfg for max_tokens, cfg in _H200_CONFIGS if num_tokens <= max_tokens)
+    config = next((cfg for max_tokens, cfg in _H200_CONFIGS if num_tokens <= max_tokens),
+                  _LARGE_BATCH_CONFIG)
     if dtype == torch.float32:
         config = MoeConfig(config.block_m, *(
             GemmTiles(t.block_n, max(32, t.block_k // 2), t.num_warps, t.num_stages)
@@ -224,6 +230,24 @@ def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
         raise ValueError(f"w13, w2, topk_ids and topk_weights must be on x's device {x.device}")
 
 
+def align_pairs(flat_ids: torch.Tensor, num_experts: int,
+                block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat_ids [P] contiguous (pair p: token p // K, choice p % K) -> (sorted_pairs [R] int32:
+    the pairs grouped by expert in pair order, each expert's segment padded with P to a multiple
+    of block_m; block_experts [R / block_m] int32: each block's expert, -1 if unused). R is the
+    worst case over routings, so no host sync is needed. Ids outside [0, E) are dropped."""
+    num_pairs = flat_ids.numel()
+    # Every expert's segment is padded by < block_m rows, and at most min(E, P) are non-empty.
+    max_blocks = (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
+    sorted_pairs = torch.empty(max_blocks * block_m, dtype=torch.int32, device=flat_ids.device)
+    block_experts = torch.empty(max_blocks, dtype=torch.int32, device=flat_ids.device)
+    _align_kernel[(num_experts,)](
+        flat_ids, sorted_pairs, block_experts, num_pairs, num_experts, max_blocks,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
+        CHUNK=min(256, max(16, triton.next_power_of_2(num_pairs))))
+    return sorted_pairs, block_experts
+
+
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      config: MoeConfig | None = None) -> torch.Tensor:
@@ -242,24 +266,16 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return out.zero_()
     cfg = config or moe_config(num_tokens, num_experts, hidden_size, intermediate_size, x.dtype)
     block_m = cfg.block_m
-    num_pairs = num_tokens * top_k
-    # Every expert's segment is padded by < BLOCK_M rows, and at most min(E, P) are non-empty.
-    max_blocks = (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
-    max_rows = max_blocks * block_m
-    flat_ids = topk_ids.reshape(-1)  # [P]
-    flat_weights = topk_weights.reshape(-1)  # [P]
-    sorted_pairs = torch.empty(max_rows, dtype=torch.int32, device=x.device)  # P = padding
-    block_experts = torch.empty(max_blocks, dtype=torch.int32, device=x.device)  # -1 = unused
-    act = torch.empty(max_rows, intermediate_size, dtype=x.dtype, device=x.device)  # [R, I]
+    flat_ids = topk_ids.reshape(-1).contiguous()  # [P], pair p = (token p // K, choice p % K)
+    sorted_pairs, block_experts = align_pairs(flat_ids, num_experts, block_m)
+    num_pairs, max_blocks = flat_ids.numel(), block_experts.numel()
+    act = torch.empty(max_blocks * block_m, intermediate_size, dtype=x.dtype,
+                      device=x.device)  # [R, I]
     pair_out = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)  # [P, H]
-
-    _align_kernel[(num_experts,)](
-        flat_ids, sorted_pairs, block_experts, num_pairs, num_experts, max_blocks,
-        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
-        CHUNK=min(256, max(16, triton.next_power_of_2(num_pairs))))
+    flat_weights = topk_weights.reshape(-1).contiguous()  # [P]
     # The interpreter computes bf16/fp16 dots wrongly: operands are upcast there. On the GPU
     # 16-bit operands stay as they are (exact products, fp32 accumulation); fp32 uses IEEE dots.
-    upcast = x.dtype == torch.float32 or x.device.type != "cuda"
+    upcast = x.dtype == torch.float32 or _interpreting()
     dot_dtype = tl.float32 if upcast else _DOT_DTYPES[x.dtype]
     precision = "ieee" if upcast else "tf32"
     tiles = cfg.gate_up

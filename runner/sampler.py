@@ -31,16 +31,21 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], req_ids: list[int],
            output_indices: list[int]) -> tuple[list[int], list[float]]:
-    """logits [R, V] fp32 -> (token per row, its log-probability under the unfiltered model)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
-    tokens = torch.argmax(logits, dim=-1).tolist()
+    """logits [R, V] fp32 -> (token per row, its log-probability under the unfiltered model).
+    One device-to-host transfer for greedy rows; sampled rows bring their logits to the host."""
+    best, lse = logits.max(dim=-1), torch.logsumexp(logits.float(), dim=-1)  # [R] each
+    host = torch.stack([best.indices.double(), best.values.double(), lse.double()]).cpu()
+    tokens = host[0].long().tolist()
+    logprobs = (host[1] - host[2]).tolist()
     for row, p in enumerate(params):
         if p.temperature <= 0:
             continue
-        probs = _filtered_probs(logits[row].cpu(), p)
+        row_logits = logits[row].cpu()
+        probs = _filtered_probs(row_logits, p)
         u = _draw(p.seed, req_ids[row], output_indices[row])
         cdf = torch.cumsum(probs, 0)
-        tokens[row] = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype))),
-                          probs.shape[0] - 1)
-    chosen = torch.tensor(tokens, device=logits.device).unsqueeze(1)
-    return tokens, logprobs.gather(1, chosen).squeeze(1).tolist()
+        token = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype))),
+                    probs.shape[0] - 1)
+        tokens[row] = token
+        logprobs[row] = float(row_logits[token].double() - host[2, row])
+    return tokens, logprobs

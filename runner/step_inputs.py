@@ -67,23 +67,37 @@ class DecodeBuffers:
                                        device=device)  # [Rmax, max_blocks]
         self.query_start_loc = torch.arange(max_num_reqs + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(max_num_reqs, dtype=torch.int64, device=device)
+        # host staging (numpy views of pinned memory on a GPU): filled in Python, copied at once
+        pin = device.type == "cuda"
+        self._pinned_rows = torch.zeros(3, max_num_reqs, dtype=torch.int64, pin_memory=pin)
+        self._pinned_table = torch.zeros(max_num_reqs, max_num_blocks, dtype=torch.int32,
+                                         pin_memory=pin)
+        self._host_rows = self._pinned_rows.numpy()  # [3, Rmax]
+        self._host_table = self._pinned_table.numpy()  # [Rmax, max_blocks]
+        self._staged_rows = torch.zeros(3, max_num_reqs, dtype=torch.int64, device=device)
 
     def fill(self, requests: list[Request], num_padded: int, block_table) -> None:
-        """Rewrite rows [0, num_padded): real requests first, then padding rows."""
+        """Rewrite rows [0, num_padded): real requests first, then padding rows, with two
+        host-to-device copies. Stale entries past a row's own blocks are never read."""
         n = len(requests)
-        host_ids = torch.tensor([r.all_token_ids[-1] for r in requests], dtype=torch.int64)
-        host_lens = torch.zeros(num_padded, dtype=torch.int32)
-        host_lens[:n] = torch.tensor([r.num_tokens for r in requests], dtype=torch.int32)
-        host_req = torch.full((num_padded,), -1, dtype=torch.int32)
-        host_req[:n] = torch.arange(n, dtype=torch.int32)
-        self.input_ids[:n].copy_(host_ids, non_blocking=True)
-        self.input_ids[n:num_padded] = 0
-        self.seq_lens[:num_padded].copy_(host_lens, non_blocking=True)
-        self.positions[:num_padded].copy_((host_lens - 1).clamp(min=0), non_blocking=True)
-        self.req_indices[:num_padded].copy_(host_req, non_blocking=True)
-        self.block_table[:num_padded].zero_()
-        self.block_table[:n].copy_(_block_rows(requests, self.block_table.shape[1]),
-                                   non_blocking=True)
+        num_cols = max(len(r.block_ids) for r in requests)
+        rows = self._host_rows[:3, :num_padded]  # token id, length, request row
+        rows[0, n:] = 0
+        rows[1, n:] = 0
+        rows[2, n:] = -1
+        table = self._host_table[:n, :num_cols]
+        for i, r in enumerate(requests):
+            rows[0, i] = r.all_token_ids[-1]
+            rows[1, i] = r.num_tokens
+            rows[2, i] = i
+            table[i, :len(r.block_ids)] = r.block_ids
+        self._staged_rows.copy_(self._pinned_rows, non_blocking=True)  # contiguous: one DMA
+        self.block_table[:n].copy_(self._pinned_table[:n], non_blocking=True)
+        device_rows = self._staged_rows[:, :num_padded]
+        self.input_ids[:num_padded] = device_rows[0]
+        self.seq_lens[:num_padded] = device_rows[1]
+        self.positions[:num_padded] = (device_rows[1] - 1).clamp(min=0)
+        self.req_indices[:num_padded] = device_rows[2]
         self.slot_mapping[:num_padded] = block_table.slot_mapping(
             self.positions[:num_padded], self.req_indices[:num_padded],
             self.block_table[:num_padded])

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +79,9 @@ def swept_keys(records: list[JobRecord], sweep_overrides: list[str]) -> list[str
     """Keys given as sweeps (`key=a,b`) or whose value differs between jobs, in command order."""
     parsed = OverridesParser.create().parse_overrides(list(sweep_overrides))
     declared = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    keys = [k for r in records for k in r.overrides]
-    keys = list(dict.fromkeys(keys))
-    return [k for k in keys if k in declared or len({repr(r.overrides.get(k)) for r in records}) > 1]
+    keys = dict.fromkeys(k for r in records for k in r.overrides)
+    return [k for k in keys
+            if k in declared or len({repr(r.overrides.get(k)) for r in records}) > 1]
 
 
 class SweepSummary(Callback):
@@ -108,40 +109,50 @@ class SweepSummary(Callback):
         from runner.console import console, print_error
         if not self.records:
             return
-        table, notes = write_summary(self.sweep_dir, self.records, self.sweep_overrides)
-        console.print(table)
+        table, notes, written = write_summary(self.sweep_dir, self.records, self.sweep_overrides)
+        if console.is_terminal:
+            console.print(table)
+        else:  # logs: the full-width table, never cropped to 80 columns
+            console.print(render_text(table).rstrip("\n"), markup=False, crop=False, soft_wrap=True)
+        for line in error_lines(self.records):
+            print_error(line)
         for note in notes:
             console.print(note, markup=False)
-        console.print(f"wrote {self.sweep_dir}/summary.{{txt,csv,json,png}}", markup=False)
-        failed = [r for r in self.records if r.status != "ok"]
-        if failed:
-            print_error(f"{len(failed)} of {len(self.records)} jobs failed: "
-                        f"{', '.join(f'#{r.num}' for r in failed)}")
+        console.print(f"wrote {', '.join(written)} in {self.sweep_dir}", markup=False)
+        num_failed = sum(r.status != "ok" for r in self.records)
+        if num_failed:
+            print_error(f"{num_failed} of {len(self.records)} jobs failed")
             sys.exit(1)
 
 
 def write_summary(sweep_dir: Path, records: list[JobRecord],
-                  sweep_overrides: list[str]) -> tuple[Table, list[str]]:
-    """Write summary.txt (the table), summary.csv, summary.json and summary.png in `sweep_dir`;
-    return the table and notes (e.g. why the PNG is missing)."""
+                  sweep_overrides: list[str]) -> tuple[Table, list[str], list[str]]:
+    """Write summary.txt (the table), summary.csv, summary.json and summary.png in `sweep_dir`.
+    Returns the table, notes (why the PNG is missing) and the names of the files written."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     swept = swept_keys(records, sweep_overrides)
-    common = [f"{k}={v}" for k, v in records[0].overrides.items() if k not in swept]
-    notes = []
-    plot_error = write_plot(sweep_dir / "summary.png", records, swept, " ".join(common))
+    common = " ".join(f"{k}={v}" for k, v in records[0].overrides.items() if k not in swept)
+    plot_error = write_plot(sweep_dir / "summary.png", records, swept, common)
+    notes = [plot_error] if plot_error else []
     if plot_error:
-        notes.append(plot_error)
         (sweep_dir / "summary.png").unlink(missing_ok=True)  # never leave a stale plot
-    table = summary_table(records, swept, " ".join(common))
-    text = io.StringIO()
-    Console(file=text, width=200, color_system=None).print(table)
-    (sweep_dir / "summary.txt").write_text(text.getvalue() + "".join(n + "\n" for n in notes))
+    table = summary_table(records, swept, common)
+    lines = [*error_lines(records), *notes]
+    (sweep_dir / "summary.txt").write_text(render_text(table) + "".join(f"{n}\n" for n in lines))
     _write_csv(sweep_dir / "summary.csv", records, swept)
     summary = {"swept": swept, "common_overrides": common,
                "plot": None if plot_error else "summary.png", "notes": notes,
                "jobs": [_json_job(r, swept) for r in records]}
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return table, notes
+    written = ["summary.txt", "summary.csv", "summary.json"]
+    return table, notes, written if plot_error else [*written, "summary.png"]
+
+
+def render_text(table: Table) -> str:
+    """The table as plain text at its natural width (up to 200 columns)."""
+    text = io.StringIO()
+    Console(file=text, width=200, color_system=None).print(table)
+    return text.getvalue()
 
 
 def _format(value: Any) -> str:
@@ -210,14 +221,17 @@ def write_plot(path: Path, records: list[JobRecord], swept: list[str], title: st
     if not metrics:
         return "summary.png not written: no job reported a metric to plot"
     x_key, others = (swept[0], swept[1:]) if swept else (None, [])
-    x_values = list(dict.fromkeys(r.overrides.get(x_key, r.num) for r in ok))
+    x_values = list(dict.fromkeys(r.overrides.get(x_key, r.num) for r in records))
     if all(isinstance(v, (int, float)) for v in x_values):
         x_values.sort()
     lines: dict[str, list[JobRecord]] = {}
     for r in ok:
         lines.setdefault(", ".join(f"{k}={r.overrides.get(k)}" for k in others), []).append(r)
-    fig = Figure(figsize=(5 * len(metrics), 4), layout="constrained")
-    for ax, (key, header) in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
+    num_cols = min(2, len(metrics))
+    num_rows = -(-len(metrics) // num_cols)
+    fig = Figure(figsize=(5 * num_cols, 3.5 * num_rows + 0.5), layout="constrained")
+    axes = fig.subplots(num_rows, num_cols, squeeze=False).flatten()
+    for ax, (key, header) in zip(axes, metrics):
         for label, members in lines.items():
             points = sorted((x_values.index(r.overrides.get(x_key, r.num)), r.metrics[key])
                             for r in members if key in r.metrics)
@@ -229,6 +243,8 @@ def write_plot(path: Path, records: list[JobRecord], swept: list[str], title: st
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend(fontsize="small")
-    fig.suptitle(title or "sweep")
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    fig.suptitle(textwrap.fill(title or "sweep", 90), fontsize="medium")
     fig.savefig(path, dpi=100)
     return None

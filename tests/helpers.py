@@ -91,7 +91,11 @@ def tokenizer_vocab(vocab_size: int) -> dict[str, int]:
 
 def save_tokenizer(path, vocab_size: int) -> PreTrainedTokenizerFast:
     """A whitespace WordLevel tokenizer covering ids [0, vocab_size), built offline and saved to
-    `path` (tokenizer.json + tokenizer_config.json); it names no EOS token."""
+    `path` (tokenizer.json + tokenizer_config.json); it names no EOS token.
+
+    NOTE: next to a Qwen2 config.json, transformers 5's AutoTokenizer loads it as a Qwen2Tokenizer
+    (which encodes nothing); next to Llama or DeepSeek-V2 configs it loads as saved.
+    """
     backend = Tokenizer(WordLevel(tokenizer_vocab(vocab_size), unk_token="<unk>"))
     backend.pre_tokenizer = Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_moe import GemmTiles, MoeConfig, fused_moe_triton, moe_config
+from kernels.fused_moe import GemmTiles, MoeConfig, align_pairs, fused_moe_triton, moe_config
 from runner.models.layers.moe import fused_moe
 
 # The interpreter warns when a loop bound comes from a kernel argument (NumPy deprecation).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
 def _moe_f64(x, w13, w2, topk_ids, topk_weights):
@@ -55,6 +56,27 @@ def _check(x, w13, w2, topk_ids, topk_weights, config=None):
     return out
 
 
+@pytest.mark.parametrize("flat_ids, num_experts, block_m", [
+    ([3, -1, 0, 3, 3, 5, 0, 9, 3], 6, 16),  # experts 1, 2, 4 empty; 9 is outside E=6
+    ([2] * 40 + [0], 4, 16),  # one expert over three blocks
+    (torch.randint(-1, 5, (300,), generator=torch.Generator().manual_seed(0)).tolist(), 5, 32),
+])
+def test_align_pairs_groups_pairs_by_expert(flat_ids, num_experts, block_m):
+    """Each expert's pairs in pair order, padded to block_m with P; the blocks' experts, then -1
+    up to the worst-case size."""
+    sorted_pairs, block_experts = align_pairs(torch.tensor(flat_ids), num_experts, block_m)
+    num_pairs = len(flat_ids)
+    want_pairs, want_blocks = [], []
+    for e in range(num_experts):
+        pairs = [p for p, pair_expert in enumerate(flat_ids) if pair_expert == e]
+        want_pairs += pairs + [num_pairs] * (-len(pairs) % block_m)
+        want_blocks += [e] * -(-len(pairs) // block_m)
+    max_blocks = (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
+    assert sorted_pairs.shape == (max_blocks * block_m,) and block_experts.shape == (max_blocks,)
+    assert sorted_pairs[:len(want_pairs)].tolist() == want_pairs
+    assert block_experts.tolist() == want_blocks + [-1] * (max_blocks - len(want_blocks))
+
+
 @pytest.mark.parametrize("num_tokens, num_experts, hidden_size, intermediate_size", [
     (1, 4, 32, 32), (3, 8, 64, 48), (9, 8, 48, 40), (6, 5, 64, 32)])
 def test_random_routing_float32(num_tokens, num_experts, hidden_size, intermediate_size):
@@ -84,6 +106,11 @@ def test_one_expert_for_every_token_fills_several_row_blocks():
     """18 pairs on expert 2 (both choices of each token) span two 16-row blocks."""
     x, w13, w2, _, topk_weights = _case(9, 2, 4, 32, 32, torch.float32, seed=3)
     _check(x, w13, w2, torch.full((9, 2), 2, dtype=torch.int32), topk_weights)
+
+
+def test_more_pairs_than_one_alignment_chunk():
+    """261 pairs: the sort runs over two 256-pair chunks, ranks carried from the first."""
+    _check(*_case(87, 3, 4, 32, 32, torch.float32, seed=8))
 
 
 def test_ragged_tiles_and_strided_inputs():

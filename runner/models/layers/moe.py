@@ -7,11 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fused_moe import fused_moe_triton
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
+# Decode-sized batches use the Triton fused MoE on a GPU (graph-safe, streams expert weights);
+# larger (prefill) batches use torch._grouped_mm, whose cost is amortised over many tokens.
+MAX_TRITON_MOE_TOKENS = 1024
 
 
 class GatedMLP(nn.Module):
@@ -152,6 +156,8 @@ class FusedExperts(nn.Module):
         local_ids = topk_ids - self.expert_start
         local_ids = local_ids.masked_fill((local_ids < 0) | (local_ids >= self.num_local_experts),
                                           -1)
+        if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS:
+            return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights)
         return fused_moe(x, self.w13, self.w2, local_ids, topk_weights)
 
 

@@ -1,0 +1,170 @@
+"""Launching ranks: torchrun gives the same tokens as one process; a rank that raises or is
+killed brings the run down at once with the rank and cause named, leaving no process behind;
+invalid layouts fail in the CLI with one line, exit 1, no traceback, before any process starts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["device=cpu", "print_config=false", "block_table.block_size=4", "model.max_model_len=64"]
+PROMPTS = [[7], [3, 9, 27, 81, 243], [11 * i % 512 for i in range(1, 30)]]
+MAX_TOKENS = 6
+
+
+def _user_env() -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # a user's CPU run
+    return env
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every live descendant of `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # zombies are dead, only not yet reaped
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        try:
+            with open(f"/proc/{child}/cmdline") as f:
+                found.append((child, f.read().replace("\0", " ")))
+        except OSError:
+            continue
+        todo += children.get(child, [])
+    return found
+
+
+def _rank_processes() -> list[tuple[int, str]]:
+    # NOTE: multiprocessing's resource tracker is a helper of this process that lives as long
+    # as it does, not a rank.
+    return [p for p in _descendants(os.getpid()) if "resource_tracker" not in p[1]]
+
+
+def test_torchrun_two_ranks_give_tp1_tokens(tmp_path):
+    from runner.build import build_runner
+    from runner.compose import compose_config
+    from runner.request import SamplingParams
+
+    out = tmp_path / "out.json"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+           "cli.py", *BASE, "parallel.tp=2", "task=generate", f"task.max_tokens={MAX_TOKENS}",
+           "task.ignore_eos=true", f"task.prompt_token_ids={json.dumps(PROMPTS).replace(' ', '')}",
+           f"task.output={out}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_user_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        runner = build_runner(compose_config(BASE))
+        tp1 = runner.generate(PROMPTS, params=SamplingParams(MAX_TOKENS, ignore_eos=True))
+    outputs = json.loads(out.read_text())["outputs"]
+    assert [o["token_ids"] for o in outputs] == [o.token_ids for o in tp1]
+    assert [o["prompt_token_ids"] for o in outputs] == PROMPTS
+
+
+def fail_on_one_rank(cfg, rank: int, how: str, bad_rank: int, stamp: str) -> None:
+    """Rank function: `bad_rank` raises or SIGKILLs itself while the others wait in a barrier."""
+    import torch.distributed as dist
+
+    if rank == bad_rank:
+        Path(stamp).write_text(str(time.time()))
+        if how == "raise":
+            raise ValueError(f"injected failure on rank {rank}")
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
+@pytest.mark.parametrize("how, world_size, bad_rank, cause", [
+    ("raise", 2, 1, "ValueError: injected failure on rank 1"),
+    ("kill", 4, 2, "killed by signal 9"),
+])
+def test_failing_rank_stops_the_run(tmp_path, how, world_size, bad_rank, cause):
+    from runner.compose import compose_config
+    from runner.errors import RunnerError
+    from runner.launch import launch
+
+    cfg = compose_config(BASE + [f"parallel.tp={world_size}"])
+    stamp = tmp_path / "failed_at"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DCP_RUNNER_COLLECTIVE_TIMEOUT", "120")  # the others must not wait it out
+        with pytest.raises(RunnerError) as error:
+            launch(cfg, fail_on_one_rank, how, bad_rank, str(stamp))
+    stopped_after = time.time() - float(stamp.read_text())
+    message = str(error.value)
+    assert f"rank {bad_rank}" in message and cause in message
+    assert "\n" not in message
+    assert stopped_after < 10, f"the run took {stopped_after:.1f} s to stop"
+    deadline = time.time() + 2
+    while _rank_processes() and time.time() < deadline:
+        time.sleep(0.1)
+    assert _rank_processes() == []
+
+
+# Runs cli.py as `python cli.py ...` would, but a started process or process group exits 99.
+GUARDED_CLI = """
+import multiprocessing.process, runpy, sys
+import torch.distributed
+
+def refuse(*args, **kwargs):
+    print("a rank was started", file=sys.stderr)
+    sys.exit(99)
+
+multiprocessing.process.BaseProcess.start = refuse
+torch.distributed.init_process_group = refuse
+sys.argv = ["cli.py", *sys.argv[1:]]
+runpy.run_path("cli.py", run_name="__main__")
+"""
+
+INVALID_LAYOUTS = {  # name -> (overrides, what the message must name)
+    "dcp_not_dividing_tp": (["parallel.tp=4", "parallel.dcp=3"], "parallel.dcp=3"),
+    "dcp_zero": (["parallel.tp=2", "parallel.dcp=0"], "parallel.dcp=0"),
+    "tp_not_dividing_heads": (["parallel.tp=3"], "parallel.tp=3"),
+    "gqa_dcp_rule": (["model=tiny_llama", "parallel.tp=2", "parallel.dcp=2"], "parallel.dcp=2"),
+    "interleave_not_dividing_block": (["parallel.dcp=2", "block_table.block_size=8",
+                                       "block_table.interleave=3"], "block_table.interleave=3"),
+    "ep_experts_not_divisible": (["parallel.tp=4", "parallel.ep=true",
+                                  "model.hf_config.n_routed_experts=6"], "parallel.ep"),
+    "dcp_comm_unknown": (["parallel.dcp=2", "parallel.dcp_comm=bogus"], "parallel.dcp_comm"),
+    "nccl_on_cpu": (["parallel.tp=2", "parallel.backend=nccl"], "parallel.backend=nccl"),
+}
+
+
+def test_invalid_layouts_fail_in_one_line_before_any_rank(tmp_path):
+    """All cases run at once (each is a separate CLI process); every one must fail alone. A valid
+    two-rank layout shows that the guard notices a started rank."""
+    procs = {}
+    cases = {**INVALID_LAYOUTS, "valid_control": (["parallel.tp=2"], None)}
+    for name, (overrides, _) in cases.items():
+        cmd = [sys.executable, "-c", GUARDED_CLI, *BASE, *overrides,
+               f"hydra.run.dir={tmp_path / name}"]
+        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=_user_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    problems = []
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        field = cases[name][1]
+        if field is None:
+            if proc.returncode != 99:
+                problems.append(f"{name}: the guard did not stop a started rank: {stderr!r}")
+            continue
+        lines = stderr.strip().splitlines()
+        if (proc.returncode != 1 or len(lines) != 1 or not lines[0].startswith("error:")
+                or field not in lines[0] or "Traceback" in stdout + stderr):
+            problems.append(f"{name}: exit {proc.returncode}, stderr {stderr.strip()!r}")
+    assert not problems, "\n".join(problems)
