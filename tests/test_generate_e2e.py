@@ -44,6 +44,9 @@ CASES = {
 def no_triton_interpreter(monkeypatch):
     """Run as users do: on CPU the runner uses its torch paths unless TRITON_INTERPRET is set
     (tests/conftest.py sets it for the kernel tests)."""
+    # NOTE: @triton.jit reads TRITON_INTERPRET when a kernel module is imported; import it while
+    # the variable is still set, so later tests in this process still get interpreted kernels.
+    import runner.block_table.paged  # noqa: F401
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
