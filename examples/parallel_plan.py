@@ -7,6 +7,8 @@ Run: python examples/parallel_plan.py
 """
 from __future__ import annotations
 
+import sys
+
 from runner import build_runner, compose_config, launch
 from runner.parallel.plan import HeadShard, ParallelPlan
 
@@ -39,9 +41,11 @@ def run_rank(cfg, rank: int, max_tokens: int) -> tuple[list[list[int]], list[tup
         outputs = runner.generate(prompt_token_ids=PROMPTS, max_tokens=max_tokens)
     finally:
         runner.shutdown()
-    first_layer = plan.shards[:2]  # every layer asks the same
-    print(f"rank {rank}: q heads {first_layer[0][2]}..{sum(first_layer[0][2:]) - 1}, "
-          f"kv heads {first_layer[1][2]}..{sum(first_layer[1][2:]) - 1}", flush=True)
+    (_, _, q_offset, num_q), (_, _, kv_offset, num_kv) = plan.shards[:2]  # same in every layer
+    # one write per line, so the two ranks' lines do not interleave
+    sys.stdout.write(f"rank {rank}: q heads {q_offset}..{q_offset + num_q - 1}, "
+                     f"kv heads {kv_offset}..{kv_offset + num_kv - 1}\n")
+    sys.stdout.flush()
     return [o.token_ids for o in outputs], plan.shards
 
 

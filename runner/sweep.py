@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import textwrap
 import time
@@ -24,7 +25,8 @@ from rich.table import Table
 
 # (metric key, column header): the table's metric columns and the plot's panels, when present
 MAIN_METRICS = (("mean_tpot_ms", "TPOT ms"), ("mean_ttft_ms", "TTFT ms"),
-                ("output_throughput", "output tok/s"), ("kv_capacity_tokens", "KV tokens"))
+                ("output_throughput", "output tok/s"), ("kv_capacity_tokens", "KV tokens"),
+                ("min_agreement", "agreement"), ("max_logprob_diff", "max |dlogprob|"))
 NO_MATPLOTLIB = "summary.png not written: matplotlib is not installed (pip install '.[plot]')"
 Scalar = (int, float, str, bool, type(None))
 
@@ -85,13 +87,15 @@ def swept_keys(records: list[JobRecord], sweep_overrides: list[str]) -> list[str
 
 
 class SweepSummary(Callback):
-    """Hydra Callback: active in multirun mode only (in a single run it does nothing)."""
+    """Hydra Callback, active in multirun mode only, and under torchrun on rank 0 only."""
 
     def __init__(self) -> None:
         self.records: list[JobRecord] | None = None
         self._job_start = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0
+            return
         self.records = []
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.sweep_overrides = list(config.hydra.overrides.task)

@@ -16,7 +16,7 @@ from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForC
 from runner import build_runner
 from runner.compose import compose_config
 
-MAX_POSITIONS = 512  # max_position_embeddings of every tiny checkpoint (= the runner's max_model_len)
+MAX_POSITIONS = 512  # max_position_embeddings of every tiny checkpoint: the runner's max_model_len
 
 # Every field differs from its config class's default, so a loader that ignores one shows.
 _DEEPSEEK_V2 = dict(

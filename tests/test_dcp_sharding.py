@@ -23,7 +23,8 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 40
 MAX_MODEL_LEN = 64
 BASE = ["device=cpu", "print_config=false", f"block_table.block_size={BLOCK_SIZE}",
-        f"block_table.num_blocks={NUM_BLOCKS}", f"model.max_model_len={MAX_MODEL_LEN}"]
+        f"block_table.num_blocks={NUM_BLOCKS}", f"model.max_model_len={MAX_MODEL_LEN}",
+        "scheduler.max_num_batched_tokens=1024"]  # every prompt of a test in one prefill
 LAYOUTS = {  # world size 4 for all; the dcp=1 layouts are the references
     "tiny-dcp1": ["model=tiny", "parallel.tp=4"],
     "tiny-dcp2": ["model=tiny", "parallel.tp=4", "parallel.dcp=2"],
@@ -129,15 +130,13 @@ def _num_nonzero_slots(runner) -> int:
     return int(used.sum())
 
 
-def _measure_rows_and_collectives(cfg) -> dict:
-    from runner.build import build_runner
-
-    runner = build_runner(cfg)
+def _measure_rows_and_collectives(runner) -> dict:
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     prefill_records, decode_records = [], [[], []]
     with _recording(runner.plan, prefill_records):
         ids = [runner.add_request(p, params) for p in _prompts(PROMPT_LENGTHS, seed=5)]
-        runner.step()
+        events = runner.step()
+    assert len(events) == len(ids), "the prompts did not prefill in one step"
     for i, num_before in enumerate((NUM_DECODE_BEFORE_FIRST_RECORD, NUM_DECODE_BETWEEN_RECORDS)):
         for _ in range(num_before):
             runner.step()
@@ -156,11 +155,8 @@ def _measure_rows_and_collectives(cfg) -> dict:
             "dcp_rank": runner.plan.dcp.rank, "num_reqs": len(requests)}
 
 
-def _measure_capacity(cfg) -> int:
+def _measure_capacity(runner) -> int:
     """Requests admitted by one scheduling step when far more are waiting."""
-    from runner.build import build_runner
-
-    runner = build_runner(cfg)
     params = SamplingParams(max_tokens=2, ignore_eos=True)
     for prompt in _prompts([CAPACITY_PROMPT_LEN] * NUM_CAPACITY_REQUESTS, seed=6):
         runner.add_request(prompt, params)
@@ -172,11 +168,17 @@ def measure_layouts(cfg, rank: int, layouts: dict) -> list[dict]:
     """Rank function: measure every layout; rank 0 gets [rank] -> {layout: measurements}."""
     import torch.distributed as dist
 
+    from runner.build import build_runner
+
     results = {}
     for name, layout_cfg in layouts.items():
         try:
-            results[name] = _measure_rows_and_collectives(layout_cfg)
-            results[name]["admitted"] = _measure_capacity(layout_cfg)
+            for measure in (_measure_rows_and_collectives, _measure_capacity):
+                runner = build_runner(layout_cfg)  # a fresh, all-zero cache each
+                try:
+                    results.setdefault(name, {})[measure.__name__] = measure(runner)
+                finally:
+                    runner.shutdown()
         except Exception as e:
             raise RuntimeError(f"layout {name}: {type(e).__name__}: {e}") from e
     gathered = [None] * dist.get_world_size()
@@ -194,7 +196,10 @@ def measured():
         mp.delenv("TRITON_INTERPRET", raising=False)  # the CPU path users run
         mp.setenv("DCP_RUNNER_COLLECTIVE_TIMEOUT", "120")  # a hang fails, not waits
         per_rank = launch(cfgs["tiny-dcp1"], measure_layouts, cfgs)
-    return {name: [r[name] for r in per_rank] for name in LAYOUTS}, cfgs
+    results = {name: [{**r[name]["_measure_rows_and_collectives"],
+                        "admitted": r[name]["_measure_capacity"]} for r in per_rank]
+               for name in LAYOUTS}
+    return results, cfgs
 
 
 def _dcp_layouts():

@@ -126,7 +126,7 @@ def test_parallel_plan_example_runs_two_ranks_as_a_script(default_tokens):
     result = subprocess.run([sys.executable, str(EXAMPLES / "parallel_plan.py")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    heads = dict(re.findall(r"rank (\d): (q heads .*)", result.stdout))
+    heads = dict(re.findall(r"^rank (\d): (q heads .*)$", result.stdout, re.MULTILINE))
     # tiny_llama: 8 query heads and 2 KV heads, split over tp=2
     assert heads == {"0": "q heads 0..3, kv heads 0..0", "1": "q heads 4..7, kv heads 1..1"}
     printed = re.findall(r"^(\[.*\]) -> (\[.*\])$", result.stdout, re.MULTILINE)

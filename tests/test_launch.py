@@ -116,19 +116,47 @@ def test_failing_rank_stops_the_run(tmp_path, how, world_size, bad_rank, cause):
     assert _rank_processes() == []
 
 
-# Runs cli.py as `python cli.py ...` would, but a started process or process group exits 99.
-GUARDED_CLI = """
-import multiprocessing.process, runpy, sys
+# Runs `cli.py` as __main__ once per case (argv) in a forked child, after importing what a
+# run imports, so that each case costs its own work only. In a child, a started rank or process
+# group exits 99. Prints {case: [exit status, stdout, stderr, seconds]} as JSON.
+CLI_CASES_DRIVER = """
+import json, multiprocessing.process, os, runpy, sys, tempfile, time
 import torch.distributed
+import cli  # noqa: F401 - what cli.py imports
+from runner.build import build_runner  # noqa: F401 - imported by every run
+from runner.loaders.loader import HFModelLoader
+
+HFModelLoader(architecture="LlamaForCausalLM").hf_config()  # transformers' config modules
+HFModelLoader().hf_config()
 
 def refuse(*args, **kwargs):
     print("a rank was started", file=sys.stderr)
-    sys.exit(99)
+    os._exit(99)
 
 multiprocessing.process.BaseProcess.start = refuse
 torch.distributed.init_process_group = refuse
-sys.argv = ["cli.py", *sys.argv[1:]]
-runpy.run_path("cli.py", run_name="__main__")
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    start = time.time()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.argv = ["cli.py", *argv]
+        try:
+            runpy.run_path("cli.py", run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    out.seek(0)
+    err.seek(0)
+    results[name] = [status, out.read(), err.read(), time.time() - start]
+print(json.dumps(results))
 """
 
 INVALID_LAYOUTS = {  # name -> (overrides, what the message must name)
@@ -136,6 +164,7 @@ INVALID_LAYOUTS = {  # name -> (overrides, what the message must name)
     "dcp_zero": (["parallel.tp=2", "parallel.dcp=0"], "parallel.dcp=0"),
     "tp_not_dividing_heads": (["parallel.tp=3"], "parallel.tp=3"),
     "gqa_dcp_rule": (["model=tiny_llama", "parallel.tp=2", "parallel.dcp=2"], "parallel.dcp=2"),
+    "gqa_dcp_above_replicas": (["model=tiny_llama", "parallel.dcp=4"], "parallel.dcp=4"),
     "interleave_not_dividing_block": (["parallel.dcp=2", "block_table.block_size=8",
                                        "block_table.interleave=3"], "block_table.interleave=3"),
     "ep_experts_not_divisible": (["parallel.tp=4", "parallel.ep=true",
@@ -146,25 +175,25 @@ INVALID_LAYOUTS = {  # name -> (overrides, what the message must name)
 
 
 def test_invalid_layouts_fail_in_one_line_before_any_rank(tmp_path):
-    """All cases run at once (each is a separate CLI process); every one must fail alone. A valid
-    two-rank layout shows that the guard notices a started rank."""
-    procs = {}
+    """Each case is cli.py's main in its own process. A valid two-rank layout shows that the
+    guard notices a started rank."""
     cases = {**INVALID_LAYOUTS, "valid_control": (["parallel.tp=2"], None)}
-    for name, (overrides, _) in cases.items():
-        cmd = [sys.executable, "-c", GUARDED_CLI, *BASE, *overrides,
-               f"hydra.run.dir={tmp_path / name}"]
-        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=_user_env(), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
+    argv = {name: [*BASE, *overrides, f"hydra.run.dir={tmp_path / name}"]
+            for name, (overrides, _) in cases.items()}
+    proc = subprocess.run([sys.executable, "-c", CLI_CASES_DRIVER, json.dumps(argv)], cwd=ROOT,
+                          env={**_user_env(), "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
     problems = []
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
+    for name, (status, stdout, stderr, seconds) in json.loads(proc.stdout).items():
         field = cases[name][1]
-        if field is None:
-            if proc.returncode != 99:
-                problems.append(f"{name}: the guard did not stop a started rank: {stderr!r}")
-            continue
         lines = stderr.strip().splitlines()
-        if (proc.returncode != 1 or len(lines) != 1 or not lines[0].startswith("error:")
+        if field is None:
+            if status != 99:
+                problems.append(f"{name}: the guard did not notice a started rank: {stderr!r}")
+        elif (status != 1 or len(lines) != 1 or not lines[0].startswith("error:")
                 or field not in lines[0] or "Traceback" in stdout + stderr):
-            problems.append(f"{name}: exit {proc.returncode}, stderr {stderr.strip()!r}")
+            problems.append(f"{name}: exit {status}, stderr {stderr.strip()!r}")
+        elif seconds > 5:
+            problems.append(f"{name}: took {seconds:.1f} s")
     assert not problems, "\n".join(problems)

@@ -99,21 +99,26 @@ def _run_layout(main_cfg, preempt_cfg) -> dict:
 
     tokens = {}
     runner = build_runner(main_cfg)
-    for name in ("batch", "staggered"):
-        prompts, max_tokens = PROMPT_SETS[name]
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        if name == "staggered":
-            tokens[name] = _run_staggered(runner, prompts, params)
-        else:
-            tokens[name] = [o.token_ids for o in runner.generate(prompts, params=params)]
-    layout = runner.plan.describe()
+    try:
+        for name in ("batch", "staggered"):
+            prompts, max_tokens = PROMPT_SETS[name]
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            if name == "staggered":
+                tokens[name] = _run_staggered(runner, prompts, params)
+            else:
+                tokens[name] = [o.token_ids for o in runner.generate(prompts, params=params)]
+    finally:
+        runner.shutdown()
     runner = build_runner(preempt_cfg)
-    prompts, max_tokens = PROMPT_SETS["preempt"]
-    outputs = runner.generate(prompts, params=SamplingParams(max_tokens=max_tokens,
-                                                             ignore_eos=True))
+    try:
+        prompts, max_tokens = PROMPT_SETS["preempt"]
+        outputs = runner.generate(prompts, params=SamplingParams(max_tokens=max_tokens,
+                                                                 ignore_eos=True))
+    finally:
+        runner.shutdown()
     tokens["preempt"] = [o.token_ids for o in outputs]
     return {"tokens": tokens, "num_preemptions": runner.scheduler.log.num_preemptions,
-            "kv_capacity_tokens": runner.kv_capacity_tokens, "layout": layout}
+            "kv_capacity_tokens": runner.kv_capacity_tokens}
 
 
 def run_layouts(cfg, rank: int, layouts: dict) -> list[dict]:

@@ -117,10 +117,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, ctx)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's input, the residual stream before it) -> (mlp output, residual):
+        the residual adds are fused into the norms."""
+        if residual is None:
+            h, residual = self.input_layernorm(hidden), hidden
+        else:
+            h, residual = self.input_layernorm(hidden, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual)
+        return self.mlp(h), residual
 
 
 class DeepseekV2Model(nn.Module):
@@ -151,9 +157,10 @@ class DeepseekV2ForCausalLM(nn.Module):
         """input_ids, positions [T] (all requests' tokens) -> hidden after the final norm [T, H]."""
         cos, sin = self.rotary_emb(positions)  # [T, rope / 2] each
         hidden = self.model.embed_tokens(input_ids)  # [T, H]
+        residual = None
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, ctx)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, ctx)
+        return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, H] -> [R, vocab] float32, the full vocab on every rank."""

@@ -1,0 +1,59 @@
+"""RMSNorm with an optional fused residual add, one program per row, bit-compatible with the
+reference models' order of rounding:
+    s = (x + residual) in x.dtype;  out = weight * (s * rsqrt(mean(s^2) + eps)).to(x.dtype)
+(the statistics in fp32). Replaces ~9 elementwise launches per norm in a decode step."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidden_size, eps,
+                     x_stride, residual_stride, out_stride, sum_stride,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden_size
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * residual_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * sum_stride + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / hidden_size + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, (w * normed).to(x.dtype), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None):
+    """x [T, H] (rows may be strided), weight [H] -> out [T, H]; with `residual` [T, H] also
+    returns the sum x + residual [T, H] (the next residual)."""
+    if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],):
+        raise ValueError(f"rms_norm: x must be [T, H] with unit column stride and weight [H]; "
+                         f"got x {tuple(x.shape)} strides {x.stride()}, weight {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    summed = torch.empty_like(out) if residual is not None else out
+    if x.shape[0]:
+        _rms_norm_kernel[(x.shape[0],)](
+            x, residual if residual is not None else x, weight, out, summed, x.shape[1], eps,
+            x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+            summed.stride(0), HAS_RESIDUAL=residual is not None,
+            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4 if x.shape[1] <= 4096 else 8)
+    return out if residual is None else (out, summed)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None):
+    """Plain-torch `rms_norm`."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    out = weight * normed
+    return out if residual is None else (out, x)
