@@ -142,7 +142,7 @@ def run_layouts(cfg, rank: int, layouts: dict) -> list[dict]:
 @pytest.fixture(scope="module")
 def layout_results():
     """layout -> [per-rank result]; one run per world size, started when first needed."""
-    cache: dict[int, list[dict]] = {}
+    cache: dict[int, list[dict] | Exception] = {}
 
     def get(layout: str) -> list[dict]:
         world = compose_config(_overrides(layout)).parallel.tp
@@ -153,54 +153,57 @@ def layout_results():
             with pytest.MonkeyPatch.context() as mp:
                 mp.delenv("TRITON_INTERPRET", raising=False)  # the CPU path users run
                 mp.setenv("DCP_RUNNER_COLLECTIVE_TIMEOUT", "120")  # a hang fails, not waits
-                cache[world] = launch(launch_cfg, run_layouts,
-                                      {n: _configs(n) for n in names})
+                try:
+                    cache[world] = launch(launch_cfg, run_layouts,
+                                          {n: _configs(n) for n in names})
+                except Exception as e:  # every layout of this world fails with it, once
+                    cache[world] = e
+        if isinstance(cache[world], Exception):
+            raise cache[world]
         return [per_rank[layout] for per_rank in cache[world]]
 
     return get
 
 
-def _hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    """transformers' greedy tokens, recomputing the whole sequence each step (no cache)."""
-    ids = list(prompt)
-    with torch.inference_mode():
-        for _ in range(max_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
-
-
 @pytest.fixture(scope="module")
-def hf_tokens():
-    """model key -> prompt set -> transformers' greedy tokens per prompt."""
+def hf_greedy():
+    """(model key, prompt, tokens) -> transformers' greedy choice after the prompt and each
+    prefix of `tokens` (teacher-forced, one forward pass). It equals `tokens` exactly when
+    `tokens` are transformers' greedy tokens; at the first difference it shows the right one."""
     from runner.build import check_config
     from runner.tasks.verify import reference_model
 
-    cache: dict[str, dict] = {}
+    models, cache = {}, {}
 
-    def get(model_key: str) -> dict:
-        if model_key not in cache:
-            loader = check_config(compose_config(BASE + [MODELS[model_key]]))
-            with tempfile.TemporaryDirectory() as save_dir:
-                model = reference_model(loader, torch.device("cpu"), save_dir)
-            cache[model_key] = {name: [_hf_greedy(model, p, n) for p in prompts]
-                                for name, (prompts, n) in PROMPT_SETS.items()}
-        return cache[model_key]
+    def get(model_key: str, prompt: list[int], tokens: list[int]) -> list[int]:
+        key = (model_key, tuple(prompt), tuple(tokens))
+        if key not in cache:
+            if model_key not in models:
+                loader = check_config(compose_config(BASE + [MODELS[model_key]]))
+                with tempfile.TemporaryDirectory() as save_dir:
+                    models[model_key] = reference_model(loader, torch.device("cpu"), save_dir)
+            with torch.inference_mode():
+                ids = torch.tensor([prompt + tokens[:-1]])
+                logits = models[model_key](ids).logits[0, len(prompt) - 1:]  # [len(tokens), V]
+            cache[key] = logits.argmax(-1).tolist()
+        return cache[key]
 
     return get
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_greedy_tokens_equal_across_layouts(layout, layout_results, hf_tokens):
+def test_greedy_tokens_equal_across_layouts(layout, layout_results, hf_greedy):
     per_rank = layout_results(layout)
     result = per_rank[0]
     for rank, other in enumerate(per_rank[1:], 1):
         assert other["tokens"] == result["tokens"], f"rank {rank} is out of lockstep with rank 0"
     assert result["num_preemptions"] > 0, "the preemption run did not preempt"
     assert result["kv_capacity_tokens"] == PREEMPT_CAPACITY
-    reference = hf_tokens(_model_key(layout))
-    for name in PROMPT_SETS:
-        assert result["tokens"][name] == reference[name], f"{name}: differs from transformers"
+    for name, (prompts, max_tokens) in PROMPT_SETS.items():
+        for prompt, tokens in zip(prompts, result["tokens"][name]):
+            assert len(tokens) == max_tokens
+            assert tokens == hf_greedy(_model_key(layout), prompt, tokens), \
+                f"{name}: not transformers' greedy tokens for a {len(prompt)}-token prompt"
     tp1 = layout_results(f"{_model_key(layout)}-tp1")[0]
     assert result["tokens"] == tp1["tokens"]
 

@@ -125,6 +125,7 @@ class FusedExperts(nn.Module):
         if split_size % group.size:
             raise RunnerError(f"{split_what}={split_size} must be divisible by parallel.tp="
                               f"{group.size}")
+        self.num_experts = num_experts
         self.num_local_experts = num_experts // group.size if expert_parallel else num_experts
         self.expert_start = group.rank * self.num_local_experts if expert_parallel else 0
         self.local_intermediate = intermediate_size if expert_parallel else (
@@ -153,9 +154,11 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
         """Partial sum over this rank's experts (or slices); topk_ids are global expert ids."""
-        local_ids = topk_ids - self.expert_start
-        local_ids = local_ids.masked_fill((local_ids < 0) | (local_ids >= self.num_local_experts),
-                                          -1)
+        local_ids = topk_ids
+        if self.num_local_experts != self.num_experts:  # EP: other ranks' experts become -1
+            local_ids = topk_ids - self.expert_start
+            local_ids = local_ids.masked_fill(
+                (local_ids < 0) | (local_ids >= self.num_local_experts), -1)
         if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS:
             return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights)
         return fused_moe(x, self.w13, self.w2, local_ids, topk_weights)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from kernels.rotary import rotary, rotary_ref
+
 from runner.errors import RunnerError
 
 ROPE_TYPES = ("default", "llama3")
@@ -72,8 +74,6 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] rotated by cos, sin [T, D/2]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
-    computed in float32 and returned in x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # [T, H, D/2] each
-    cos = cos.unsqueeze(1)  # [T, 1, D/2]
-    sin = sin.unsqueeze(1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    computed in float32 and returned in x's dtype (one Triton launch on a GPU)."""
+    fn = rotary if x.is_cuda and x.stride(-1) == 1 else rotary_ref
+    return fn(x, cos, sin, interleaved=False)

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from kernels.rotary import rotary, rotary_ref
+
 from runner.errors import RunnerError
 
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
@@ -106,9 +108,7 @@ class DeepseekRotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x [T, H, D] by cos/sin [T, D/2]; in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [T, H, D/2, 2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x [T, H, D] by cos/sin [T, D/2]; in fp32
+    (one Triton launch on a GPU)."""
+    fn = rotary if x.is_cuda and x.stride(-1) == 1 else rotary_ref
+    return fn(x, cos, sin, interleaved=True)
