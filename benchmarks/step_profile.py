@@ -43,7 +43,7 @@ def main(overrides: list[str]) -> None:
         logits = runner.model.compute_logits(hidden[inputs.logits_indices[:n]])
         from runner.sampler import sample
         tokens, logprobs = sample(logits, [r.params for r in sched.requests],
-                                  [r.req_id for r in sched.requests],
+                                  [r.sample_key for r in sched.requests],
                                   [len(r.output_token_ids) for r in sched.requests])
         for r, t, lp in zip(sched.requests, tokens, logprobs):
             runner._append(r, t, lp)

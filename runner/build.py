@@ -17,7 +17,7 @@ from runner.parallel.layout import check_layout
 from runner.runner import Runner
 
 ACTIVATION_RESERVE_BYTES = 4 << 30  # GPU: prefill activations and CUDA graphs, outside the KV cache
-GROUPS = ("model", "attention", "block_table", "parallel", "graph", "task")
+GROUPS = ("model", "attention", "block_table", "parallel", "graph")  # a task just runs a runner
 
 
 def resolve_device(cfg: DictConfig) -> torch.device:
@@ -86,7 +86,8 @@ def _check_fits(loader, device: torch.device, tp: int) -> None:
     """Refuse a model whose weights alone exceed one rank's device memory."""
     from runner.parallel.plan import ParallelPlan
     model = loader.build(ParallelPlan(), torch.device("meta"))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) // tp
+    element_size = torch.empty((), dtype=loader.torch_dtype(device)).element_size()
+    weight_bytes = sum(p.numel() for p in model.parameters()) * element_size // tp
     memory = _device_memory(device)
     if weight_bytes > 0.9 * memory:
         raise RunnerError(f"the model's weights need {weight_bytes / 2**30:.1f} GiB per rank but "

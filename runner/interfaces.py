@@ -18,10 +18,13 @@ if TYPE_CHECKING:
     from runner.forward_context import AttentionMetadata, KVCacheSpec
     from runner.parallel.plan import ParallelPlan
     from runner.runner import Runner
+    from runner.step_inputs import DecodeBuffers, StepInputs
 
 
 @runtime_checkable
 class ModelLoader(Protocol):  # conf/model
+    path: str | None  # the checkpoint folder, or None (dummy weights)
+
     def hf_config(self) -> PretrainedConfig:
         """The transformers config of the model (from `path`, or built from the shape fields)."""
 
@@ -30,6 +33,12 @@ class ModelLoader(Protocol):  # conf/model
 
     def load_weights(self, model: nn.Module, plan: ParallelPlan) -> None:
         """Fill the weights (checkpoint or dummy), each parameter with its own shard."""
+
+    def max_model_len(self) -> int:
+        """Longest sequence (prompt + output) a request may reach."""
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """Weights and KV cache dtype on `device`."""
 
 
 @runtime_checkable
@@ -60,26 +69,43 @@ class AttentionBackend(Protocol):  # conf/attention
 @runtime_checkable
 class BlockTable(Protocol):  # conf/block_table
     block_size: int  # tokens per physical block on one rank
+    interleave: int  # DCP: consecutive tokens a rank stores before the next rank's turn
+    cp_size: int  # DCP group size (1: an ordinary paged table)
     virtual_block_size: int  # tokens per allocated block id: block_size * cp_size
+    num_blocks: int | None  # physical blocks per rank; None: sized from memory_fraction
+    memory_fraction: float
 
-    def slot_mapping(self, positions: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-        """positions [T] and each token's block-table row [T, max_num_blocks] -> slots [T] int64,
-        -1 where this rank does not own the token."""
+    def slot_mapping(self, positions: torch.Tensor, req_indices: torch.Tensor,
+                     block_table: torch.Tensor) -> torch.Tensor:
+        """positions [T], each token's block-table row [T] (-1: padding), block_table
+        [R, max_num_blocks] -> slots [T] int64, -1 where this rank does not store the token."""
 
     def local_seq_lens(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Tokens of each sequence stored on this rank: [R] -> [R]."""
 
+    def max_local_len(self, max_len: int) -> int:
+        """Upper bound of this rank's share of a `max_len`-token sequence."""
+
 
 @runtime_checkable
 class GraphCapturer(Protocol):  # conf/graph
-    def capture(self, step_fn: Callable[..., Any], buffers: Any) -> None:
-        """Record decode steps for the batch sizes it supports (eager: nothing)."""
+    uses_static_max_len: bool  # attention must use the buffers' static length bound
+
+    def capture(self, forward: Callable[[StepInputs], torch.Tensor],
+                buffers: DecodeBuffers) -> None:
+        """Record decode steps over the persistent buffers (eager: just keep `forward`)."""
 
     def padded_size(self, num_reqs: int) -> int:
         """The batch size a decode step of `num_reqs` requests runs at."""
 
-    def replay(self, num_reqs: int) -> Any:
-        """Run the decode step of `num_reqs` requests from the persistent buffers."""
+    def replay(self, inputs: StepInputs) -> torch.Tensor:
+        """Hidden states [padded, H] of the decode step whose inputs fill the buffers."""
+
+    def release(self) -> None:
+        """Free captured graphs (before process groups are destroyed)."""
+
+    def describe(self) -> str:
+        """One line for the run summary."""
 
 
 @runtime_checkable

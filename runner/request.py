@@ -33,6 +33,7 @@ class Request:
     finish_reason: str | None = None  # stop | length | error
     error: str | None = None
     num_preemptions: int = 0
+    sample_key: int = 0  # keys the request's random draws (a stable hash of its prompt)
 
     @property
     def all_token_ids(self) -> list[int]:

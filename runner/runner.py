@@ -14,7 +14,7 @@ from runner.errors import RequestError, RunnerError
 from runner.forward_context import ForwardContext
 from runner.kv_cache import BlockAllocator, allocate_kv_caches
 from runner.request import Request, RequestOutput, SamplingParams, TokenEvent
-from runner.sampler import sample
+from runner.sampler import prompt_key, sample
 from runner.scheduler import ScheduledBatch, Scheduler, cdiv
 from runner.step_inputs import DecodeBuffers, StepInputs, prefill_inputs
 
@@ -56,7 +56,8 @@ class Runner:
     # --- requests ---------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Queue a request; an invalid one is finished at once with its error."""
-        request = Request(self._next_req_id, list(prompt_token_ids), params)
+        request = Request(self._next_req_id, list(prompt_token_ids), params,
+                          sample_key=prompt_key(list(prompt_token_ids)))
         self._next_req_id += 1
         self.requests[request.req_id] = request
         try:
@@ -70,6 +71,8 @@ class Runner:
 
     def _validate(self, request: Request) -> None:
         tokens = request.prompt_token_ids
+        if request.params.max_tokens < 1:
+            raise RequestError(f"max_tokens={request.params.max_tokens}: must be >= 1")
         if not tokens:
             raise RequestError("empty prompt: a prompt needs at least one token")
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
@@ -99,10 +102,11 @@ class Runner:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        self.last_step_was_prefill = batch.is_prefill
         hidden, inputs = self._run(batch)
         logits = self.model.compute_logits(hidden[inputs.logits_indices[:len(batch.requests)]])
         tokens, logprobs = sample(logits, [r.params for r in batch.requests],
-                                  [r.req_id for r in batch.requests],
+                                  [r.sample_key for r in batch.requests],
                                   [len(r.output_token_ids) for r in batch.requests])
         return [self._append(r, t, lp) for r, t, lp in zip(batch.requests, tokens, logprobs)]
 

@@ -1,16 +1,25 @@
 """Token sampling: greedy, temperature, top-k, top-p. Random draws are keyed by
-(seed, request index, output index), so a token never depends on batching, preemption or the
-parallel layout."""
+(seed, the request's prompt, output index), so a token never depends on batching, preemption,
+the request's position among others or the parallel layout."""
 from __future__ import annotations
+
+import zlib
+from array import array
 
 import torch
 
 from runner.request import SamplingParams
 
 
-def _draw(seed: int, req_id: int, output_index: int) -> float:
+def prompt_key(prompt_token_ids: list[int]) -> int:
+    """A stable 32-bit key of a prompt (not Python's hash(): that differs per process)."""
+    return zlib.crc32(array("q", prompt_token_ids).tobytes())
+
+
+def _draw(seed: int, request_key: int, output_index: int) -> float:
     """A uniform number in [0, 1) that depends only on its key."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + req_id) * 1_000_003 + output_index)
+    generator = torch.Generator().manual_seed(
+        (seed * 1_000_003 + request_key) * 1_000_003 + output_index)
     return float(torch.rand((), generator=generator, dtype=torch.float64))
 
 
@@ -29,7 +38,7 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs / probs.sum()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], req_ids: list[int],
+def sample(logits: torch.Tensor, params: list[SamplingParams], request_keys: list[int],
            output_indices: list[int]) -> tuple[list[int], list[float]]:
     """logits [R, V] fp32 -> (token per row, its log-probability under the unfiltered model).
     One device-to-host transfer for greedy rows; sampled rows bring their logits to the host."""
@@ -42,7 +51,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], req_ids: list[int
             continue
         row_logits = logits[row].cpu()
         probs = _filtered_probs(row_logits, p)
-        u = _draw(p.seed, req_ids[row], output_indices[row])
+        u = _draw(p.seed, request_keys[row], output_indices[row])
         cdf = torch.cumsum(probs, 0)
         token = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype))),
                     probs.shape[0] - 1)

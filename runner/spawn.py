@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import wait
@@ -21,6 +22,7 @@ import torch.multiprocessing as mp
 
 from runner.errors import RunnerError
 
+EXIT_GRACE_S = 10  # after every rank reported its result
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("DCP_RUNNER_COLLECTIVE_TIMEOUT", 600)))
 
 
@@ -73,6 +75,8 @@ def run_ranks(cfg, world_size: int, fn: Callable[..., Any], *args: Any) -> Any:
         return _adopt_torchrun(cfg, world_size, fn, *args)
     if _device_type(cfg) == "cpu":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, also for gloo's transport
+    else:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (device README)
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = _free_port()
@@ -87,28 +91,36 @@ def run_ranks(cfg, world_size: int, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _collect(procs, results) -> Any:
-    """Wait for every rank; the first failure (message or death) ends the run."""
-    result, pending = None, set(range(len(procs)))
-    while pending:
+    """Wait for every rank; the first failure (message or death) ends the run. Once every rank
+    has reported success, stragglers get EXIT_GRACE_S to exit (a hung NCCL teardown is killed)."""
+    result, num_ok, done_at = None, 0, None
+    while any(p.exitcode is None for p in procs):
         while not results.empty():
             status, rank, payload = results.get()
             if status == "ok":
+                num_ok += 1
                 result = payload if rank == 0 else result
             elif status == "error":
                 raise RunnerError(f"rank {rank}: {payload}")
             else:
                 print(f"rank {rank} failed:\n{payload}", file=sys.stderr, flush=True)
                 raise RunnerError(f"rank {rank} failed: {payload.splitlines()[0]}")
-        wait([procs[r].sentinel for r in pending] + [results._reader], timeout=1.0)
-        for r in list(pending):
-            code = procs[r].exitcode
-            if code is None:
-                continue
-            if code != 0 and results.empty():
-                how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        if num_ok == len(procs):
+            done_at = done_at or time.monotonic()
+            if time.monotonic() - done_at > EXIT_GRACE_S:
+                break  # every result is in; _stop kills what did not exit
+        for r, p in enumerate(procs):
+            if p.exitcode not in (None, 0) and results.empty():
+                how = (f"killed by signal {-p.exitcode}" if p.exitcode < 0
+                       else f"exited with status {p.exitcode}")
                 raise RunnerError(f"rank {r} {how}; the run was stopped")
-            if results.empty():
-                pending.discard(r)
+        wait([p.sentinel for p in procs if p.exitcode is None] + [results._reader], timeout=1.0)
+    while not results.empty():
+        status, rank, payload = results.get()
+        if status == "ok":
+            result = payload if rank == 0 else result
+        else:
+            raise RunnerError(f"rank {rank}: {payload.splitlines()[0]}")
     return result
 
 

@@ -3,3 +3,8 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One intra-op thread: the suite's tensors are tiny, and CI has 2 cores (threads only contend).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

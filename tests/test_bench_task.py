@@ -178,9 +178,6 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner/tasks/bench.py writes request_rate=inf with json.dump as the bare token Infinity "
-    "(not JSON: jq and JSON.parse reject it); vLLM writes the string \"inf\""))
 def test_bench_json_is_strict_json_with_vllm_inf(runs):
     _, path = runs["default"]
     metrics = json.loads(path.read_text(), parse_constant=_refuse_constant)

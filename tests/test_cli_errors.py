@@ -231,9 +231,6 @@ def test_bad_request_error_says_what_is_allowed(runs, index):
         assert name in output["error"], (name, output["error"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner/tasks/generate.py shows a failed request's error only inside the rich results table "
-    "on stdout (wrapped at the column width); nothing is printed to stderr"))
 @pytest.mark.parametrize("index", BAD_REQUESTS)
 def test_bad_request_error_is_one_stderr_line(runs, index):
     result = runs["bad_requests"]

@@ -212,9 +212,6 @@ def test_default_configs_pass_the_checks_on_a_gpu_machine(overrides, monkeypatch
     check_config(compose_config(overrides), device=torch.device("cuda"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner/build.py _check_fits builds on the meta device, so model.dtype=auto resolves to "
-    "float32 there and the weights are counted at twice their bf16 GPU size"))
 def test_memory_check_counts_the_gpu_dtype(monkeypatch):
     """Qwen2.5-1.5B: 3.1 GB in bf16 (the GPU default), 6.2 GB in float32; a 5 GB GPU holds it."""
     _pretend_gpus(monkeypatch, 1, 5 * 10**9)

@@ -6,7 +6,12 @@ from the partial (out, lse) pairs:
     lse = log sum_r exp(lse_r),   out = sum_r exp(lse_r - lse) * out_r
 `ag_rs`: all-gather the LSEs, scale the own partial, reduce-scatter (sum) back to own heads.
 `a2a`: one all-to-all of head slices with the LSE packed in, then a local N-way combine.
-Prefill needs no communication: fresh tokens attend their own K/V; only owners store them.
+`fused` (perf.md §11): q already holds the group's heads (the plan replicates their projections in
+the group); gather only the LSEs and return the own partial scaled by exp(lse_r - lse). The sum
+over the group's ranks is left to the output projection's all-reduce.
+Prefill needs no communication: fresh tokens attend their own K/V; only owners store them. Under
+`fused` each rank attends only its own block of the group's heads and leaves zeros elsewhere, so
+that all-reduce counts each head once.
 """
 from __future__ import annotations
 
@@ -39,9 +44,13 @@ class DCPAttention:
         self.backend.write_kv(k_cache, v_cache, slot_mapping, key, value)
 
     def prefill(self, q, k, v, meta, scale: float):
+        if self.comm == "fused":
+            return self._prefill_own_heads(q, k, v, meta, scale)
         return self.backend.prefill(q, k, v, meta, scale)
 
     def decode(self, q, k_cache, v_cache, meta, scale: float):
+        if self.comm == "fused":
+            return self._decode_fused(q, k_cache, v_cache, meta, scale)
         num_local_heads = q.shape[1]
         q_group = self.group.all_gather(q, dim=1)  # [R, H_loc * N, D]: rank r's heads at block r
         out, lse = self.backend.decode(q_group, k_cache, v_cache, meta, scale)
@@ -68,3 +77,33 @@ class DCPAttention:
         lses = received[..., v_dim:].contiguous().view(torch.float32).squeeze(-1)  # [N, R, H_loc]
         merge_states, _ = _kernels(out)
         return merge_states(outs, lses)
+
+    def _prefill_own_heads(self, q, k, v, meta, scale: float):
+        """q [T, H_loc * N, D] (the group's heads): attend block r of them; zeros elsewhere."""
+        n, r = self.group.size, self.group.rank
+        num_own_heads = q.shape[1] // n
+        own = slice(r * num_own_heads, (r + 1) * num_own_heads)
+        out_own, _ = self.backend.prefill(q[:, own], _own_kv_heads(k, n, r),
+                                          _own_kv_heads(v, n, r), meta, scale)  # [T, H_loc, Dv]
+        out = out_own.new_zeros(q.shape[0], q.shape[1], out_own.shape[2])  # [T, H_loc * N, Dv]
+        out[:, own] = out_own
+        return out, None
+
+    def _decode_fused(self, q, k_cache, v_cache, meta, scale: float):
+        """q [R, H_g, D] (the group's heads) -> this rank's partial scaled by exp(lse_r - lse)
+        [R, H_g, Dv] (0 where its shard is empty) and the merged lse [R, H_g]."""
+        out, lse = self.backend.decode(q, k_cache, v_cache, meta, scale)  # local shard
+        lses = self.group.all_gather(lse, dim=0).view(self.group.size, *lse.shape)  # [N, R, H_g]
+        _, scale_own = _kernels(out)
+        return scale_own(out, lses, self.group.rank)
+
+
+def _own_kv_heads(x: torch.Tensor, n: int, r: int) -> torch.Tensor:
+    """The K or V heads [T, Hkv, D] serving block r of n equal blocks of the query heads: block r
+    of them, or the one KV head that block shares with others (GQA, n > Hkv)."""
+    num_kv_heads = x.shape[1]
+    if num_kv_heads % n == 0:
+        size = num_kv_heads // n
+        return x[:, r * size:(r + 1) * size]
+    head = r * num_kv_heads // n
+    return x[:, head:head + 1]

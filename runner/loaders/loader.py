@@ -54,9 +54,13 @@ class HFModelLoader:
                 from runner.loaders.checkpoint import load_hf_config
                 self._config = load_hf_config(self.path)
             else:
-                self._config = AutoConfig.for_model(MODEL_TYPES[self.architecture],
-                                                    architectures=[self.architecture],
-                                                    **self.hf_fields)
+                try:
+                    self._config = AutoConfig.for_model(MODEL_TYPES[self.architecture],
+                                                        architectures=[self.architecture],
+                                                        **self.hf_fields)
+                except (ValueError, TypeError) as e:
+                    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise RunnerError(f"model.hf_config: {message}") from None
         return self._config
 
     @property

@@ -15,7 +15,8 @@ from torch import nn
 from runner.errors import RunnerError
 from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from runner.models.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from runner.models.layers.linear import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
+                                         Shard)
 from runner.models.layers.moe import DeepseekMoE, GatedMLP
 from runner.models.layers.norm import RMSNorm
 from runner.models.layers.yarn_rope import (DeepseekRotaryEmbedding, apply_rotary,
@@ -39,10 +40,11 @@ class MLAAttention(nn.Module):
         super().__init__()
         c = config
         self.layer_idx = layer_idx
-        heads = plan.attention_heads(c.num_attention_heads)
-        if heads.num_heads * plan.tp_size != c.num_attention_heads:
+        if c.num_attention_heads % plan.tp_size:
             raise RunnerError(f"num_attention_heads={c.num_attention_heads} must be divisible by "
                               f"parallel.tp={plan.tp_size}")
+        heads = plan.attention_heads(c.num_attention_heads)
+        shard = Shard.of_heads(heads, c.num_attention_heads)  # rows/columns of those heads
         self.num_local_heads = heads.num_heads
         self.nope_dim, self.rope_dim, self.v_dim = (c.qk_nope_head_dim, c.qk_rope_head_dim,
                                                     c.v_head_dim)
@@ -52,18 +54,19 @@ class MLAAttention(nn.Module):
         bias = c.attention_bias
         self.q_lora_rank = c.q_lora_rank
         if c.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(c.hidden_size, [q_out], plan.tp)
+            self.q_proj = ColumnParallelLinear(c.hidden_size, [q_out], plan.tp, shard=shard)
         else:
             self.q_a_proj = ReplicatedLinear(c.hidden_size, c.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, [q_out], plan.tp)
+            self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, [q_out], plan.tp, shard=shard)
         self.kv_a_proj_with_mqa = ReplicatedLinear(c.hidden_size, c.kv_lora_rank + self.rope_dim,
                                                    bias=bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear(
-            c.kv_lora_rank, [c.num_attention_heads * (self.nope_dim + self.v_dim)], plan.tp)
+            c.kv_lora_rank, [c.num_attention_heads * (self.nope_dim + self.v_dim)], plan.tp,
+            shard=shard)
         self.o_proj = RowParallelLinear(c.num_attention_heads * self.v_dim, c.hidden_size,
-                                        plan.tp, bias=bias)
+                                        plan.tp, bias=bias, shard=shard)
         self.scale = mla_softmax_scale(qk_head_dim, c.rope_parameters, c.max_position_embeddings)
 
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from runner.models.layers.linear import ColumnParallelLinear, RowParallelLinear, _copy_into
+from runner.models.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, _copy_into
 from runner.models.layers.norm import RMSNorm
 from runner.models.layers.rope import RotaryEmbedding, apply_rope
 from runner.parallel.plan import HeadShard, ParallelPlan
@@ -147,7 +147,7 @@ class LlamaAttention(nn.Module):
         self.scale = d.head_dim ** -0.5
         self.qkv_proj = QKVParallelLinear(d.hidden_size, d.head_dim, q_heads, kv_heads, d.qkv_bias)
         self.o_proj = RowParallelLinear(d.num_heads * d.head_dim, d.hidden_size, plan.tp,
-                                        bias=d.o_bias)
+                                        bias=d.o_bias, shard=Shard.of_heads(q_heads, d.num_heads))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:

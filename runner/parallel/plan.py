@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from runner.distributed import GroupHandle
 
-DCP_COMM_MODES = ("ag_rs", "a2a")  # fused: perf.md §11, not built yet
+DCP_COMM_MODES = ("ag_rs", "a2a", "fused")
 
 
 @dataclass
@@ -68,9 +68,14 @@ class ParallelPlan:
         return self.dcp.rank
 
     def attention_heads(self, num_heads: int) -> HeadShard:
-        """The query heads this rank projects and attends (TP split)."""
-        local = num_heads // self.tp_size
-        return HeadShard(local, self.tp.rank * local)
+        """The query heads this rank projects, attends and feeds to its output projection: its
+        TP split, or under `dcp_comm=fused` its DCP group's (the union of the group's TP splits,
+        replicated in the group; the o_proj all-reduce sums the group's key shards)."""
+        per_rank = num_heads // self.tp_size
+        if self.dcp_comm != "fused":
+            return HeadShard(per_rank, self.tp.rank * per_rank)
+        per_group = per_rank * self.dcp_size
+        return HeadShard(per_group, (self.tp.rank // self.dcp_size) * per_group)
 
     def kv_heads(self, num_kv_heads: int) -> HeadShard:
         """GQA KV heads: split over tp, or replicated in contiguous rank sets when tp > heads."""
@@ -81,7 +86,8 @@ class ParallelPlan:
         return HeadShard(1, self.tp.rank // ranks_per_head)
 
     def wrap_attention(self, backend):
-        """The backend the model calls: itself, or under DCP the query gather + LSE combine."""
+        """The backend the model calls: itself, or under DCP the combine of the comm mode (query
+        gather + LSE combine, or under `fused` the LSE gather + own-partial scaling)."""
         if self.dcp_size == 1:
             return backend
         from runner.attention.dcp import DCPAttention

@@ -64,6 +64,7 @@ class BenchTask:
         arrivals = self._arrivals()
         timings: dict[int, RequestTiming] = {}
         next_index = 0
+        decode_time, decode_tokens = 0.0, 0  # steps with no prefill in them
         progress = RequestProgress(self.num_prompts, "bench", enabled=driver)
         start = time.perf_counter()
         while next_index < len(prompts) or runner.has_unfinished():
@@ -76,8 +77,12 @@ class BenchTask:
             if not runner.has_unfinished():
                 time.sleep(max(0.0, start + arrivals[next_index] - time.perf_counter()))
                 continue
+            before = time.perf_counter()
             events = runner.step()
             now = time.perf_counter()
+            if not runner.last_step_was_prefill:
+                decode_time += now - before
+                decode_tokens += len(events)
             for e in events:
                 if e.token_id is not None:
                     timings[e.req_id].token_times.append(now)
@@ -90,6 +95,8 @@ class BenchTask:
                 timing.success, timing.error = False, output.error
         metrics = compute_metrics(list(timings.values()), duration)
         metrics.update(self._context(runner))
+        metrics["decode_phase_output_throughput"] = decode_tokens / decode_time if decode_time else 0.0
+        metrics["decode_phase_duration"] = decode_time
         if driver:
             self._report(metrics)
         return {k: v for k, v in metrics.items() if not isinstance(v, list)}
@@ -129,8 +136,17 @@ class BenchTask:
                       f"{metrics['graph_replay_fraction']:.1%}; bandwidth floor at batch "
                       f"{metrics['floor_batch']}: {metrics['decode_floor_ms']:.2f} ms per step "
                       f"(4.3 TB/s), reached {reached:.1%} of it")
+        console.print(f"decode-phase output throughput (no prefill in the step): "
+                      f"{metrics['decode_phase_output_throughput']:.2f} tok/s over "
+                      f"{metrics['decode_phase_duration']:.2f} s; KV capacity "
+                      f"{metrics['kv_capacity_tokens']} tokens")
         if self.output:
             path = os.path.join(self.output_dir, self.output)
             with open(path, "w", encoding="utf-8") as f:
-                json.dump(metrics, f, indent=1)
+                json.dump(_json_safe(metrics), f, indent=1, allow_nan=False)
             console.print(f"wrote {path}")
+
+
+def _json_safe(metrics: dict) -> dict:
+    """Infinite floats (request_rate=inf) written as "inf", as vLLM does: JSON has no inf."""
+    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in metrics.items()}

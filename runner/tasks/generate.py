@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 
-from runner.console import RequestProgress, print_table
+from runner.console import RequestProgress, print_error, print_table
 from runner.errors import RunnerError
 from runner.request import SamplingParams
 from runner.tasks.prompts import resolve_prompts
@@ -44,6 +44,9 @@ class GenerateTask:
         failed = [o for o in outputs if o.finish_reason == "error"]
         if driver:
             self._show(outputs, texts, runner, num_tokens, elapsed)
+            for i, o in enumerate(outputs):
+                if o.error:
+                    print_error(f"prompt {i}: {o.error}")
             if self.output:
                 with open(self.output, "w", encoding="utf-8") as f:
                     json.dump({"outputs": [o.to_json() for o in outputs]}, f, indent=1)

@@ -5,11 +5,36 @@ checkpoint tensor (on CPU) and copies only this rank's slice, so the loader stay
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from runner.distributed import GroupHandle
+
+if TYPE_CHECKING:
+    from runner.parallel.plan import HeadShard
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` of `count` equal parts of a split dimension. A layer's default is its group's
+    (`rank` of `size`); head-sharded layers may hold larger parts (e.g. a DCP group's heads)."""
+
+    count: int
+    index: int
+
+    @classmethod
+    def of_group(cls, group: GroupHandle) -> Shard:
+        return cls(group.size, group.rank)
+
+    @classmethod
+    def of_heads(cls, heads: HeadShard, num_total_heads: int) -> Shard:
+        """The part holding heads [heads.offset, heads.offset + heads.num_heads) of
+        `num_total_heads`."""
+        return cls(num_total_heads // heads.num_heads, heads.offset // heads.num_heads)
 
 
 def _new_param(*shape: int) -> nn.Parameter:
@@ -38,20 +63,23 @@ class ReplicatedLinear(nn.Module):
 
 
 class ColumnParallelLinear(nn.Module):
-    """Output features split over `group`: rank r holds rows [r*out/n, (r+1)*out/n).
+    """Output features split over `group`: rank r holds rows [r*out/n, (r+1)*out/n), or part
+    `shard.index` of `shard.count` when a shard is given.
 
     `output_sizes` lists the sizes of fused sub-matrices (e.g. gate and up); each is split on
     its own so that a rank's shard holds its slice of each, loaded with `shard_id` = index.
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], group: GroupHandle,
-                 bias: bool = False):
+                 bias: bool = False, shard: Shard | None = None):
         super().__init__()
+        self.shard = shard or Shard.of_group(group)
         for size in output_sizes:
-            if size % group.size:
-                raise ValueError(f"output size {size} is not divisible by tp={group.size}")
+            if size % self.shard.count:
+                raise ValueError(f"output size {size} is not divisible into {self.shard.count} "
+                                 f"parts")
         self.group = group
-        self.local_sizes = [size // group.size for size in output_sizes]
+        self.local_sizes = [size // self.shard.count for size in output_sizes]
         self.weight = _new_param(sum(self.local_sizes), in_features)  # [out/tp, in]
         self.weight.weight_loader = self._load
         self.bias = _new_param(sum(self.local_sizes)) if bias else None
@@ -65,7 +93,7 @@ class ColumnParallelLinear(nn.Module):
             shard_id = 0
         size = self.local_sizes[shard_id]
         start = sum(self.local_sizes[:shard_id])
-        rows = full.narrow(0, self.group.rank * size, size)
+        rows = full.narrow(0, self.shard.index * size, size)
         _copy_into(param.data.narrow(0, start, size), rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,20 +101,23 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split over `group`; partial outputs are summed with an all-reduce.
+    """Input features split over `group` (or into `shard.count` parts, this rank holding part
+    `shard.index`); partial outputs are summed with an all-reduce over the whole `group`.
 
     `reduce=False` leaves the sum to the caller (e.g. MoE adds shared and routed experts
     before one all-reduce). The bias is added once, after the sum.
     """
 
     def __init__(self, in_features: int, out_features: int, group: GroupHandle,
-                 bias: bool = False, reduce: bool = True):
+                 bias: bool = False, reduce: bool = True, shard: Shard | None = None):
         super().__init__()
-        if in_features % group.size:
-            raise ValueError(f"input size {in_features} is not divisible by tp={group.size}")
+        self.shard = shard or Shard.of_group(group)
+        if in_features % self.shard.count:
+            raise ValueError(f"input size {in_features} is not divisible into "
+                             f"{self.shard.count} parts")
         self.group = group
         self.reduce = reduce
-        self.local_in = in_features // group.size
+        self.local_in = in_features // self.shard.count
         self.weight = _new_param(out_features, self.local_in)  # [out, in/tp]
         self.weight.weight_loader = self._load
         self.bias = _new_param(out_features) if bias else None
@@ -94,7 +125,7 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = _copy_into
 
     def _load(self, param: torch.Tensor, full: torch.Tensor, shard_id: int | None = None) -> None:
-        _copy_into(param, full.narrow(1, self.group.rank * self.local_in, self.local_in))
+        _copy_into(param, full.narrow(1, self.shard.index * self.local_in, self.local_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
