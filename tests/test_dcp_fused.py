@@ -69,36 +69,36 @@ def _record_calls(handle: GroupHandle, calls: list) -> None:
         setattr(handle, name, wrap(name, getattr(handle, name)))
 
 
-def _run_prompt_set(runner, prompts, max_tokens: int, num_join_later: int, steps: list) -> list:
-    """Greedy tokens per prompt; `steps` gets (was prefill, dcp calls, tp calls) per step."""
-    dcp_calls, tp_calls = [], []
-    _record_calls(runner.plan.dcp, dcp_calls)
-    _record_calls(runner.plan.tp, tp_calls)
+def _run_prompt_set(runner, prompts, max_tokens: int, num_join_later: int, calls: dict) -> tuple:
+    """(greedy tokens per prompt, (was prefill, dcp calls, tp calls) per step)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     first = len(prompts) - num_join_later
     ids = [runner.add_request(p, params) for p in prompts[:first]]
+    steps = []
     while runner.has_unfinished():
         if len(steps) == NUM_STEPS_BEFORE_JOIN and len(ids) < len(prompts):
             ids += [runner.add_request(p, params) for p in prompts[first:]]
-        dcp_calls.clear()
-        tp_calls.clear()
+        for recorded in calls.values():
+            recorded.clear()
         runner.step()
-        steps.append((runner.last_step_was_prefill, list(dcp_calls), list(tp_calls)))
-    return [runner.output(i).token_ids for i in ids]
+        steps.append((runner.last_step_was_prefill, list(calls["dcp"]), list(calls["tp"])))
+    return [runner.output(i).token_ids for i in ids], steps
 
 
 def _run_layout(cfg) -> dict:
     from runner.build import build_runner
 
+    runner = build_runner(cfg)
+    calls = {"dcp": [], "tp": []}
+    _record_calls(runner.plan.dcp, calls["dcp"])
+    _record_calls(runner.plan.tp, calls["tp"])
     tokens, steps = {}, {}
-    for name, (prompts, max_tokens, num_join_later) in PROMPT_SETS.items():
-        runner = build_runner(cfg)  # fresh handles: the recorders of one set stay in it
-        try:
-            steps[name] = []
-            tokens[name] = _run_prompt_set(runner, prompts, max_tokens, num_join_later,
-                                           steps[name])
-        finally:
-            runner.shutdown()
+    try:
+        for name, (prompts, max_tokens, num_join_later) in PROMPT_SETS.items():
+            tokens[name], steps[name] = _run_prompt_set(runner, prompts, max_tokens,
+                                                        num_join_later, calls)
+    finally:
+        runner.shutdown()
     return {"tokens": tokens, "steps": steps}
 
 
@@ -154,13 +154,18 @@ def _per_rank(results, name: str) -> list[dict]:
     return [per_rank[name] for per_rank in results[world] if name in per_rank]
 
 
+def _layout_config(name: str):
+    overrides = next(layouts[name] for layouts in LAYOUTS.values() if name in layouts)
+    return compose_config(BASE + overrides)
+
+
 FUSED_LAYOUTS = [n for layouts in LAYOUTS.values() for n, o in layouts.items() if FUSED[0] in o]
 
 
 @pytest.mark.parametrize("name", FUSED_LAYOUTS)
 def test_fused_greedy_tokens_equal_tp1(results, name):
     per_rank = _per_rank(results, name)
-    assert len(per_rank) == int(name.split("-tp")[1].split("-")[0])
+    assert len(per_rank) == _layout_config(name).parallel.tp
     for rank, other in enumerate(per_rank[1:], 1):
         assert other["tokens"] == per_rank[0]["tokens"], f"rank {rank} out of lockstep"
     tp1 = _per_rank(results, f"{name.split('-')[0]}-tp1")[0]
@@ -173,28 +178,24 @@ def test_fused_equals_ag_rs(results):
             == _per_rank(results, "tiny-tp4-dcp4-ag_rs")[0]["tokens"])
 
 
-def _group_heads(name: str) -> int:
-    """Query heads of one DCP group: the model's heads * dcp / tp."""
-    cfg = compose_config(BASE + next(ls[name] for ls in LAYOUTS.values() if name in ls))
-    return cfg.model.hf_config.num_attention_heads * cfg.parallel.dcp // cfg.parallel.tp
-
-
 @pytest.mark.parametrize("name", FUSED_LAYOUTS)
 def test_fused_decode_moves_only_the_lses(results, name):
-    num_layers = compose_config(BASE + ["model=" + ("tiny" if name.startswith("tiny")
-                                                    else "tiny_llama")]).model.hf_config
-    num_layers = num_layers.num_hidden_layers
-    heads = _group_heads(name)
+    """Per decode step and layer one all-gather of [R, H_group] float32 LSEs, H_group the
+    model's heads * dcp / tp; nothing else between DCP ranks, and nothing in prefill."""
+    cfg = _layout_config(name)
+    hf_config, parallel = cfg.model.hf_config, cfg.parallel
+    group_heads = hf_config.num_attention_heads * parallel.dcp // parallel.tp
     for m in _per_rank(results, name):
         for prompt_set, steps in m["steps"].items():
-            assert any(prefill for prefill, _, _ in steps) and not all(p for p, _, _ in steps)
+            assert {prefill for prefill, _, _ in steps} == {True, False}
             for prefill, dcp_calls, _ in steps:
                 if prefill:
                     assert dcp_calls == [], f"{prompt_set}: prefill used the DCP group"
                     continue
-                assert len(dcp_calls) == num_layers, dcp_calls
-                num_reqs = dcp_calls[0][1][0]
-                assert dcp_calls == [("all_gather", (num_reqs, heads), "torch.float32")] * num_layers
+                num_reqs = dcp_calls[0][1][0] if dcp_calls else 0
+                assert num_reqs > 0
+                assert dcp_calls == ([("all_gather", (num_reqs, group_heads), "torch.float32")]
+                                     * hf_config.num_hidden_layers)
 
 
 def test_fused_adds_no_tp_traffic(results):
@@ -304,11 +305,12 @@ def test_fused_prefill_counts_each_head_once(num_kv_heads):
     q = torch.randn(starts[-1], num_heads, dim, generator=gen)  # [T, H_g, D]
     k = torch.randn(starts[-1], num_kv_heads, dim, generator=gen)
     v = torch.randn(starts[-1], num_kv_heads, dim, generator=gen)
-    meta = AttentionMetadata(True, torch.zeros(starts[-1], dtype=torch.int64),
-                             torch.tensor(starts, dtype=torch.int32), starts,
-                             torch.tensor([2, 5], dtype=torch.int32),
-                             torch.tensor([1, 3], dtype=torch.int32),
-                             torch.zeros(2, 2, dtype=torch.int32), 3)
+    lens = torch.tensor([2, 5], dtype=torch.int32)
+    meta = AttentionMetadata(
+        is_prefill=True, slot_mapping=torch.zeros(starts[-1], dtype=torch.int64),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32), query_start_loc_cpu=starts,
+        seq_lens=lens, local_seq_lens=lens, block_table=torch.zeros(2, 2, dtype=torch.int32),
+        max_local_seq_len=5)
     total = sum(DCPAttention(TorchAttention(), GroupHandle(n, r), "fused").prefill(
         q, k, v, meta, scale)[0] for r in range(n))
     kv_of_head = torch.arange(num_heads) * num_kv_heads // num_heads

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call on two GPUs (nvidia-h200-x2): the one-GPU benches on GPU 0, then TP2 / DCP2
+# (each comm mode) on both, then the long-context capacity run. Logs under $OUT, a table last.
+# Usage:  bash benchmarks/gpu_run2.sh [short|long|all]
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$PWD:${PYTHONPATH:-} NCCL_NVLS_ENABLE=0
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+summary="$OUT/summary.txt"; : > "$summary"
+step() {  # step NAME TIMEOUT CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  local tpot=$(grep -m1 'Mean TPOT' "$OUT/$name.log" | awk '{print $NF}')
+  local tput=$(grep -m1 'Output token throughput' "$OUT/$name.log" | awk '{print $NF}')
+  local dec=$(grep -m1 -o 'decode-phase output throughput[^;]*' "$OUT/$name.log" | awk '{print $7}')
+  local cap=$(grep -m1 -o 'KV capacity [0-9]*' "$OUT/$name.log" | awk '{print $3}')
+  printf '%-24s rc=%-3s %4ss TPOT=%-7s tok/s=%-9s decode tok/s=%-9s KV=%s\n' "$name" "$rc" \
+    "$(( $(date +%s) - t0 ))" "${tpot:--}" "${tput:--}" "${dec:--}" "${cap:--}" | tee -a "$summary"
+  [ $rc -ne 0 ] && tail -4 "$OUT/$name.log"
+}
+MODE=${1:-all}
+Q="print_config=false hydra.run.dir=$OUT/hydra"
+SEED="task=bench task.num_prompts=128 task.input_len=2 task.output_len=512 task.num_warmups=16 scheduler.max_num_seqs=128 $Q"
+if [ "$MODE" != long ]; then
+  step gpu_kernel_tests 200 python3 -m pytest -q -m gpu tests/kernels/test_rms_norm.py -p no:cacheprovider
+  step tiny_fp32_tp2_dcp2 150 python3 cli.py task=verify model.dtype=float32 parallel.tp=2 parallel.dcp=2 $Q
+  step tiny_fp32_fused 150 python3 cli.py task=verify model.dtype=float32 parallel.tp=2 parallel.dcp=2 parallel.dcp_comm=fused $Q
+  CUDA_VISIBLE_DEVICES=0 step tp1 200 python3 cli.py model=dsv2lite $SEED
+  step tp2 200 python3 cli.py model=dsv2lite parallel.tp=2 $SEED
+  step dcp2_ag_rs 200 python3 cli.py model=dsv2lite parallel.dcp=2 $SEED
+  step dcp2_a2a 200 python3 cli.py model=dsv2lite parallel.dcp=2 parallel.dcp_comm=a2a $SEED
+  step dcp2_fused 200 python3 cli.py model=dsv2lite parallel.dcp=2 parallel.dcp_comm=fused $SEED
+fi
+if [ "$MODE" != short ]; then
+  # KV budget: TP2 holds exactly 64 requests of 4096 + 1024 tokens (64 * 5120 / 16 blocks per rank)
+  LONG="model=dsv2lite task=bench task.input_len=4096 task.output_len=1024 task.num_prompts=${LONG_PROMPTS:-256} scheduler.max_num_seqs=256 block_table.num_blocks=20480 $Q"
+  step long_tp2 590 python3 cli.py parallel.tp=2 $LONG
+  step long_dcp2 590 python3 cli.py parallel.dcp=2 $LONG
+fi
+echo; echo "=== summary"; cat "$summary"
