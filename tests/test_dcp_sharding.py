@@ -164,21 +164,25 @@ def _measure_capacity(runner) -> int:
     return len(runner.scheduler.running)
 
 
+def _with_fresh_runner(cfg, measure):
+    from runner.build import build_runner
+
+    runner = build_runner(cfg)  # an all-zero cache
+    try:
+        return measure(runner)
+    finally:
+        runner.shutdown()
+
+
 def measure_layouts(cfg, rank: int, layouts: dict) -> list[dict]:
     """Rank function: measure every layout; rank 0 gets [rank] -> {layout: measurements}."""
     import torch.distributed as dist
 
-    from runner.build import build_runner
-
     results = {}
     for name, layout_cfg in layouts.items():
         try:
-            for measure in (_measure_rows_and_collectives, _measure_capacity):
-                runner = build_runner(layout_cfg)  # a fresh, all-zero cache each
-                try:
-                    results.setdefault(name, {})[measure.__name__] = measure(runner)
-                finally:
-                    runner.shutdown()
+            results[name] = _with_fresh_runner(layout_cfg, _measure_rows_and_collectives)
+            results[name]["admitted"] = _with_fresh_runner(layout_cfg, _measure_capacity)
         except Exception as e:
             raise RuntimeError(f"layout {name}: {type(e).__name__}: {e}") from e
     gathered = [None] * dist.get_world_size()
@@ -196,10 +200,7 @@ def measured():
         mp.delenv("TRITON_INTERPRET", raising=False)  # the CPU path users run
         mp.setenv("DCP_RUNNER_COLLECTIVE_TIMEOUT", "120")  # a hang fails, not waits
         per_rank = launch(cfgs["tiny-dcp1"], measure_layouts, cfgs)
-    results = {name: [{**r[name]["_measure_rows_and_collectives"],
-                        "admitted": r[name]["_measure_capacity"]} for r in per_rank]
-               for name in LAYOUTS}
-    return results, cfgs
+    return {name: [r[name] for r in per_rank] for name in LAYOUTS}, cfgs
 
 
 def _dcp_layouts():
@@ -267,6 +268,8 @@ def _attention_dims(cfg) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("name", _dcp_layouts())
 def test_decode_moves_only_q_out_and_lse(measured, name):
+    """Per layer and decode step the DCP group moves this rank's q (gathered) and, over all
+    ranks, its heads' partial outputs with one LSE each; the TP traffic is dcp=1's."""
     results, cfgs = measured
     cfg = cfgs[name]
     n, num_layers = cfg.parallel.dcp, cfg.model.hf_config.num_hidden_layers
@@ -293,8 +296,8 @@ def test_ranks_in_lockstep(measured, name):
     results, _ = measured
     tokens = [m["tokens"] for m in results[name]]
     assert all(t == tokens[0] for t in tokens)
-    assert all(len(t) == NUM_DECODE_BEFORE_FIRST_RECORD + NUM_DECODE_BETWEEN_RECORDS + 3
-               for t in tokens[0])
+    num_steps = 1 + NUM_DECODE_BEFORE_FIRST_RECORD + 1 + NUM_DECODE_BETWEEN_RECORDS + 1
+    assert all(len(t) == num_steps for t in tokens[0])
 
 
 # --- layout properties of the slot mapping ------------------------------------------------------
