@@ -103,6 +103,7 @@ def _collect(procs, results) -> Any:
             elif status == "error":
                 raise RunnerError(f"rank {rank}: {payload}")
             else:
+                _raise_killed(procs)  # a peer's broken collective is a symptom, not the cause
                 print(f"rank {rank} failed:\n{payload}", file=sys.stderr, flush=True)
                 raise RunnerError(f"rank {rank} failed: {payload.splitlines()[0]}")
         if num_ok == len(procs):
@@ -122,6 +123,16 @@ def _collect(procs, results) -> Any:
         else:
             raise RunnerError(f"rank {rank}: {payload.splitlines()[0]}")
     return result
+
+
+def _raise_killed(procs, wait_s: float = 1.0) -> None:
+    """If a rank was killed by a signal (its peers then fail in collectives), name it."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        for r, p in enumerate(procs):
+            if p.exitcode is not None and p.exitcode < 0:
+                raise RunnerError(f"rank {r} killed by signal {-p.exitcode}; the run was stopped")
+        time.sleep(0.05)
 
 
 def _stop(procs) -> None:

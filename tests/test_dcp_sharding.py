@@ -27,12 +27,13 @@ BASE = ["device=cpu", "print_config=false", f"block_table.block_size={BLOCK_SIZE
         "scheduler.max_num_batched_tokens=1024"]  # every prompt of a test in one prefill
 LAYOUTS = {  # world size 4 for all; the dcp=1 layouts are the references
     "tiny-dcp1": ["model=tiny", "parallel.tp=4"],
-    "tiny-dcp2": ["model=tiny", "parallel.tp=4", "parallel.dcp=2"],
-    "tiny-dcp4-il4": ["model=tiny", "parallel.dcp=4", "block_table.interleave=4"],
+    "tiny-dcp2": ["model=tiny", "parallel.tp=4", "parallel.dcp=2", "parallel.dcp_comm=ag_rs"],
+    "tiny-dcp4-il4": ["model=tiny", "parallel.dcp=4", "block_table.interleave=4",
+                      "parallel.dcp_comm=ag_rs"],
     "tiny-dcp4-a2a": ["model=tiny", "parallel.dcp=4", "parallel.dcp_comm=a2a"],
     "llama-dcp1": ["model=tiny_llama", "parallel.tp=4"],
     "llama-dcp2-il2": ["model=tiny_llama", "parallel.tp=4", "parallel.dcp=2",
-                       "block_table.interleave=2"],
+                       "block_table.interleave=2", "parallel.dcp_comm=ag_rs"],
 }
 PROMPT_LENGTHS = [1, 2, 7, 23, 33]  # no preemption at dcp=1 with NUM_BLOCKS
 MAX_TOKENS = 12

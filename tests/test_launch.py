@@ -94,15 +94,10 @@ def fail_on_one_rank(cfg, rank: int, how: str, bad_rank: int, waiting: str, stam
     dist.barrier()
 
 
-RACE = ("runner/spawn.py _collect reads the queue before exit codes: a peer whose collective "
-        "fails when the killed rank's sockets close can report first and be named instead")
-
-
 @pytest.mark.parametrize("how, world_size, bad_rank, waiting, cause", [
     ("raise", 3, 1, "mixed", "ValueError: injected failure on rank 1"),
     ("kill", 4, 2, "sleep", "killed by signal 9"),
-    pytest.param("kill", 4, 2, "collective", "killed by signal 9",
-                 marks=pytest.mark.xfail(reason=RACE, strict=False)),
+    ("kill", 4, 2, "collective", "killed by signal 9"),
 ])
 def test_failing_rank_stops_the_run(tmp_path, how, world_size, bad_rank, waiting, cause):
     from runner.compose import compose_config

@@ -37,7 +37,7 @@ LAYOUTS = {
     "tiny-tp2-dcp2": ["parallel.dcp=2"],
     "tiny-tp4": ["parallel.tp=4"],
     "tiny-tp4-dcp2": ["parallel.tp=4", "parallel.dcp=2"],
-    "tiny-tp4-dcp4": ["parallel.dcp=4"],
+    "tiny-tp4-dcp4": ["parallel.dcp=4", "parallel.dcp_comm=ag_rs"],
     "tiny-tp4-dcp4-il2": ["parallel.dcp=4", "block_table.interleave=2"],
     f"tiny-tp4-dcp4-il{BLOCK_SIZE}": ["parallel.dcp=4", f"block_table.interleave={BLOCK_SIZE}"],
     "tiny-tp4-dcp4-a2a": ["parallel.dcp=4", "parallel.dcp_comm=a2a"],

@@ -24,7 +24,7 @@ class HeadShard:
 
 
 class ParallelPlan:
-    def __init__(self, tp: int = 1, dcp: int = 1, ep: bool = False, dcp_comm: str = "ag_rs",
+    def __init__(self, tp: int = 1, dcp: int = 1, ep: bool = False, dcp_comm: str = "fused",
                  backend: str = "auto"):
         self.tp_size = tp
         self.dcp_size = dcp
