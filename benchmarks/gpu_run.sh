@@ -26,6 +26,7 @@ MODE=${1:-all}   # all | quick (tests + one bench) | bench (benches only) | prof
 [ "$MODE" = profile ] && {
   step moe_gpu_tests 200 python3 -m pytest -q -m gpu tests/kernels/test_fused_moe.py -p no:cacheprovider
   step moe_bench 200 python3 benchmarks/moe_bench.py --out $OUT/moe.json
+  step mla_decode_bench 200 python3 benchmarks/mla_decode_bench.py --out $OUT/mla.json
   step step_profile 300 python3 benchmarks/step_profile.py
 }
 step dsv2lite_graph 300 python3 cli.py model=dsv2lite $BENCH
