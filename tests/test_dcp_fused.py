@@ -334,7 +334,7 @@ def test_fused_plan_gives_each_rank_its_groups_heads(tp, dcp):
         group = range(rank - rank % dcp, rank - rank % dcp + dcp)
         tp_heads = []
         for member in group:
-            tp_plan = ParallelPlan(tp=tp, dcp=dcp)
+            tp_plan = ParallelPlan(tp=tp, dcp=dcp, dcp_comm="ag_rs")
             tp_plan.tp = GroupHandle(tp, member)
             shard = tp_plan.attention_heads(num_heads)
             tp_heads += range(shard.offset, shard.offset + shard.num_heads)
