@@ -149,3 +149,50 @@ def random_prompts(lengths: list[int], vocab_size: int, seed: int = 1) -> list[l
     """One prompt of uniform random token ids per length, from a seeded generator."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+class PagedBatch:
+    """Requests laid out in a model's paged KV cache (block size 16) with a shuffled block
+    table, for driving a model's forward by hand. The caches start as garbage, not zeros: a
+    slot read before it is written changes the result."""
+
+    BLOCK_SIZE = 16
+
+    def __init__(self, model, max_lengths: list[int], num_blocks: int = 64):
+        import math
+
+        spec = model.kv_cache_spec()
+        shape = (num_blocks, self.BLOCK_SIZE, spec.num_kv_heads, spec.head_size)
+        if spec.shared:  # MLA: V is the first v_head_size dims of the latent
+            caches = [torch.randn(shape) for _ in range(model.num_layers)]
+            self.kv_caches = [(k, k[..., :spec.v_head_size]) for k in caches]
+        else:
+            self.kv_caches = [(torch.randn(shape), torch.randn(shape))
+                              for _ in range(model.num_layers)]
+        blocks_per_req = [math.ceil(n / self.BLOCK_SIZE) for n in max_lengths]
+        ids = torch.randperm(num_blocks)[:sum(blocks_per_req)].split(blocks_per_req)
+        self.block_table = torch.zeros(len(max_lengths), max(blocks_per_req), dtype=torch.int32)
+        for row, req_ids in enumerate(ids):
+            self.block_table[row, :len(req_ids)] = req_ids
+
+    def context(self, seq_lens: list[int], num_new: list[int]):
+        """(positions [T], ForwardContext) of a step where request r adds its last num_new[r]
+        tokens (prefill when num_new == seq_lens)."""
+        from runner.attention.torch_ref import TorchAttention
+        from runner.forward_context import AttentionMetadata, ForwardContext
+
+        positions = torch.cat([torch.arange(total - n, total)
+                               for total, n in zip(seq_lens, num_new)])
+        req_of_token = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(num_new))
+        block = self.block_table[req_of_token, positions // self.BLOCK_SIZE].long()
+        starts = [0]
+        for n in num_new:
+            starts.append(starts[-1] + n)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        meta = AttentionMetadata(
+            is_prefill=seq_lens == num_new,
+            slot_mapping=block * self.BLOCK_SIZE + positions % self.BLOCK_SIZE,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32), query_start_loc_cpu=starts,
+            seq_lens=lens, local_seq_lens=lens, block_table=self.block_table,
+            max_local_seq_len=max(seq_lens))
+        return positions, ForwardContext(meta, self.kv_caches, TorchAttention())

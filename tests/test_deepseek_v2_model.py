@@ -18,15 +18,13 @@ from transformers import DeepseekV2ForCausalLM as HFDeepseekV2ForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import (DeepseekV2Attention,
                                                                   DeepseekV2RotaryEmbedding)
 
-from runner.attention.torch_ref import TorchAttention
 from runner.errors import RunnerError
-from runner.forward_context import AttentionMetadata, ForwardContext
 from runner.models.deepseek_v2 import DeepseekV2ForCausalLM, checkpoint_shapes
 from runner.models.layers.moe import DeepseekMoE, fused_moe
 from runner.models.layers.yarn_rope import DeepseekRotaryEmbedding, mla_softmax_scale
 from runner.parallel.plan import ParallelPlan
+from helpers import PagedBatch
 
-BLOCK_SIZE = 16
 PROMPT_LENGTHS = [1, 16, 40, 203]  # decode at 16 opens a new block
 YARN = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
         "original_max_position_embeddings": 128, "mscale": 0.9, "mscale_all_dim": 0.8,
@@ -81,41 +79,6 @@ def _load(config, weights: dict, plan: ParallelPlan | None = None) -> DeepseekV2
 def _hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return hf_model(torch.tensor([token_ids])).logits[0].float()  # [L, V]
-
-
-class PagedBatch:
-    """Requests in an MLA latent cache with a shuffled block table (block_size 16)."""
-
-    def __init__(self, model: DeepseekV2ForCausalLM, max_lengths: list[int], num_blocks: int = 64):
-        spec = model.kv_cache_spec()
-        shape = (num_blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_size)
-        # garbage, not zeros: a slot read before it is written changes the result
-        caches = [torch.randn(shape) for _ in range(model.num_layers)]
-        self.kv_caches = [(k, k[..., :spec.v_head_size]) for k in caches]
-        blocks_per_req = [math.ceil(n / BLOCK_SIZE) for n in max_lengths]
-        ids = torch.randperm(num_blocks)[:sum(blocks_per_req)].split(blocks_per_req)
-        self.block_table = torch.zeros(len(max_lengths), max(blocks_per_req), dtype=torch.int32)
-        for row, req_ids in enumerate(ids):
-            self.block_table[row, :len(req_ids)] = req_ids
-
-    def context(self, seq_lens: list[int], num_new: list[int]) -> tuple[torch.Tensor,
-                                                                         ForwardContext]:
-        """Positions [T] and the context of a step where request r adds its last num_new[r]."""
-        positions = torch.cat([torch.arange(total - n, total)
-                               for total, n in zip(seq_lens, num_new)])
-        req_of_token = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(num_new))
-        block = self.block_table[req_of_token, positions // BLOCK_SIZE].long()
-        starts = [0]
-        for n in num_new:
-            starts.append(starts[-1] + n)
-        lens = torch.tensor(seq_lens, dtype=torch.int32)
-        meta = AttentionMetadata(
-            is_prefill=seq_lens == num_new,
-            slot_mapping=block * BLOCK_SIZE + positions % BLOCK_SIZE,
-            query_start_loc=torch.tensor(starts, dtype=torch.int32), query_start_loc_cpu=starts,
-            seq_lens=lens, local_seq_lens=lens, block_table=self.block_table,
-            max_local_seq_len=max(seq_lens))
-        return positions, ForwardContext(meta, self.kv_caches, TorchAttention())
 
 
 def _prefill_then_decode(model, prompts: list[list[int]], next_ids: list[int]

@@ -3,8 +3,6 @@ same (randomized, saved and reloaded) weights: checkpoint names, prefill and pag
 tensor-parallel shards, loading errors, and the Qwen2.5-1.5B shapes on the meta device."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,15 +12,13 @@ from transformers import Qwen2ForCausalLM as HFQwen2ForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from runner.attention.torch_ref import TorchAttention
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
-from runner.forward_context import AttentionMetadata, ForwardContext
 from runner.models.layers.rope import RotaryEmbedding, rope_inv_freq
 from runner.models.llama import LlamaForCausalLM, checkpoint_shapes
 from runner.parallel.plan import ParallelPlan
+from helpers import PagedBatch
 
-BLOCK_SIZE = 16
 PROMPT_LENGTHS = [1, 7, 40, 203]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -79,40 +75,6 @@ def _load(config, weights: dict, plan: ParallelPlan | None = None) -> LlamaForCa
 def _hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return hf_model(torch.tensor([token_ids])).logits[0].float()  # [L, V]
-
-
-class PagedBatch:
-    """Requests laid out in a paged KV cache with a shuffled block table (block_size 16)."""
-
-    def __init__(self, model: LlamaForCausalLM, max_lengths: list[int], num_blocks: int = 64):
-        spec = model.kv_cache_spec()
-        shape = (num_blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_size)
-        # garbage, not zeros: a slot read before it is written changes the result
-        self.kv_caches = [(torch.randn(shape), torch.randn(shape)) for _ in range(model.num_layers)]
-        blocks_per_req = [math.ceil(n / BLOCK_SIZE) for n in max_lengths]
-        ids = torch.randperm(num_blocks)[:sum(blocks_per_req)].split(blocks_per_req)
-        self.block_table = torch.zeros(len(max_lengths), max(blocks_per_req), dtype=torch.int32)
-        for row, req_ids in enumerate(ids):
-            self.block_table[row, :len(req_ids)] = req_ids
-
-    def context(self, seq_lens: list[int], num_new: list[int]) -> tuple[torch.Tensor,
-                                                                         ForwardContext]:
-        """Positions [T] and the context of a step where request r adds its last num_new[r]."""
-        positions = torch.cat([torch.arange(total - n, total)
-                               for total, n in zip(seq_lens, num_new)])
-        req_of_token = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(num_new))
-        block = self.block_table[req_of_token, positions // BLOCK_SIZE].long()
-        starts = [0]
-        for n in num_new:
-            starts.append(starts[-1] + n)
-        lens = torch.tensor(seq_lens, dtype=torch.int32)
-        meta = AttentionMetadata(
-            is_prefill=seq_lens == num_new,
-            slot_mapping=block * BLOCK_SIZE + positions % BLOCK_SIZE,
-            query_start_loc=torch.tensor(starts, dtype=torch.int32), query_start_loc_cpu=starts,
-            seq_lens=lens, local_seq_lens=lens, block_table=self.block_table,
-            max_local_seq_len=max(seq_lens))
-        return positions, ForwardContext(meta, self.kv_caches, TorchAttention())
 
 
 def _prompts(vocab_size: int) -> list[list[int]]:
