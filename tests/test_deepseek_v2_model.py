@@ -23,7 +23,7 @@ from runner.models.deepseek_v2 import DeepseekV2ForCausalLM, checkpoint_shapes
 from runner.models.layers.moe import DeepseekMoE, fused_moe
 from runner.models.layers.yarn_rope import DeepseekRotaryEmbedding, mla_softmax_scale
 from runner.parallel.plan import ParallelPlan
-from helpers import PagedBatch
+from helpers import PagedBatch, randomize_parameters
 
 PROMPT_LENGTHS = [1, 16, 40, 203]  # decode at 16 opens a new block
 YARN = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
@@ -46,25 +46,13 @@ CONFIGS = {
 }
 
 
-def _randomize(module: torch.nn.Module) -> None:
-    """Every parameter random: norms around 1 (init leaves them exactly 1)."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            elif "embed_tokens" in name:
-                param.normal_(0, 0.5)
-            else:
-                param.normal_(0, 0.1)
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def checkpoint(request, tmp_path_factory):
     """(config, transformers model, safetensors path, {hf name: tensor} from save_pretrained)."""
     torch.manual_seed(0)
     config = CONFIGS[request.param]()
     hf_model = HFDeepseekV2ForCausalLM(config).eval()
-    _randomize(hf_model)
+    randomize_parameters(hf_model, seed=0)
     path = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(path)
     return config, hf_model, path / "model.safetensors", load_file(path / "model.safetensors")

@@ -17,7 +17,7 @@ from runner.errors import RunnerError
 from runner.models.layers.rope import RotaryEmbedding, rope_inv_freq
 from runner.models.llama import LlamaForCausalLM, checkpoint_shapes
 from runner.parallel.plan import ParallelPlan
-from helpers import PagedBatch
+from helpers import PagedBatch, randomize_parameters
 
 PROMPT_LENGTHS = [1, 7, 40, 203]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
@@ -41,18 +41,6 @@ CONFIGS = {
 }
 
 
-def _randomize(hf_model: torch.nn.Module) -> None:
-    """Every parameter random: norms around 1, biases around 0 (init leaves them exactly 1, 0)."""
-    with torch.no_grad():
-        for name, param in hf_model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            elif "embed_tokens" in name:
-                param.normal_(0, 0.5)
-            else:
-                param.normal_(0, 0.1)
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def checkpoint(request, tmp_path_factory):
     """(config, transformers model, {hf name: tensor} read back from save_pretrained)."""
@@ -60,7 +48,7 @@ def checkpoint(request, tmp_path_factory):
     config = CONFIGS[request.param]()
     hf_class = HFQwen2ForCausalLM if config.model_type == "qwen2" else HFLlamaForCausalLM
     hf_model = hf_class(config).eval()
-    _randomize(hf_model)
+    randomize_parameters(hf_model, seed=0)
     path = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(path)
     return config, hf_model, load_file(path / "model.safetensors")
