@@ -58,16 +58,15 @@ def _rank_entry(rank: int, world_size: int, port: int, cfg, fn, args, results) -
     try:
         init_rank(cfg, rank, world_size, rank, f"tcp://127.0.0.1:{port}")
         result = fn(cfg, rank, *args)
-        results.put(("ok", rank, result if rank == 0 else None))
     except RunnerError as e:
         results.put(("error", rank, str(e)))
         sys.exit(1)
     except BaseException as e:  # noqa: BLE001 - the parent reports it once
         results.put(("crash", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    results.put(("ok", rank, result if rank == 0 else None))
+    dist.barrier()  # leave together: a peer that tears down early can abort gloo's threads
+    dist.destroy_process_group()
 
 
 def run_ranks(cfg, world_size: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -93,12 +92,12 @@ def run_ranks(cfg, world_size: int, fn: Callable[..., Any], *args: Any) -> Any:
 def _collect(procs, results) -> Any:
     """Wait for every rank; the first failure (message or death) ends the run. Once every rank
     has reported success, stragglers get EXIT_GRACE_S to exit (a hung NCCL teardown is killed)."""
-    result, num_ok, done_at = None, 0, None
+    result, ok_ranks, done_at = None, set(), None
     while any(p.exitcode is None for p in procs):
         while not results.empty():
             status, rank, payload = results.get()
             if status == "ok":
-                num_ok += 1
+                ok_ranks.add(rank)
                 result = payload if rank == 0 else result
             elif status == "error":
                 raise RunnerError(f"rank {rank}: {payload}")
@@ -106,22 +105,27 @@ def _collect(procs, results) -> Any:
                 _raise_killed(procs)  # a peer's broken collective is a symptom, not the cause
                 print(f"rank {rank} failed:\n{payload}", file=sys.stderr, flush=True)
                 raise RunnerError(f"rank {rank} failed: {payload.splitlines()[0]}")
-        if num_ok == len(procs):
+        if len(ok_ranks) == len(procs):
             done_at = done_at or time.monotonic()
             if time.monotonic() - done_at > EXIT_GRACE_S:
                 break  # every result is in; _stop kills what did not exit
-        for r, p in enumerate(procs):
-            if p.exitcode not in (None, 0) and results.empty():
+        for r, p in enumerate(procs):  # a rank that already reported may die in teardown
+            if r not in ok_ranks and p.exitcode not in (None, 0) and results.empty():
                 how = (f"killed by signal {-p.exitcode}" if p.exitcode < 0
                        else f"exited with status {p.exitcode}")
                 raise RunnerError(f"rank {r} {how}; the run was stopped")
         wait([p.sentinel for p in procs if p.exitcode is None] + [results._reader], timeout=1.0)
     while not results.empty():
         status, rank, payload = results.get()
-        if status == "ok":
-            result = payload if rank == 0 else result
-        else:
+        if status != "ok":
             raise RunnerError(f"rank {rank}: {payload.splitlines()[0]}")
+        ok_ranks.add(rank)
+        result = payload if rank == 0 else result
+    for r, p in enumerate(procs):
+        if r not in ok_ranks:
+            code = p.exitcode
+            how = f"killed by signal {-code}" if code and code < 0 else f"exited with status {code}"
+            raise RunnerError(f"rank {r} {how} without a result; the run was stopped")
     return result
 
 
