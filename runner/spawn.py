@@ -154,7 +154,7 @@ def _adopt_torchrun(cfg, world_size: int, fn, *args) -> Any:
         raise RunnerError(f"torchrun started {size} processes but parallel.tp={world_size}: "
                           f"use --nproc-per-node {world_size}")
     init_rank(cfg, rank, size, int(os.environ.get("LOCAL_RANK", rank)), "env://")
-    try:
-        return fn(cfg, rank, *args)
-    finally:
-        dist.destroy_process_group()
+    result = fn(cfg, rank, *args)  # on failure torchrun stops the other ranks
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
