@@ -17,8 +17,9 @@ def print_config(yaml_text: str) -> None:
     console.print(Syntax(yaml_text, "yaml", theme="ansi_dark", background_color="default"))
 
 
-def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
-    table = Table(title=title, show_lines=False)
+def print_table(title: str, columns: list[str], rows: list[list[object]],
+                show_header: bool = True) -> None:
+    table = Table(title=title, show_lines=False, show_header=show_header)
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:

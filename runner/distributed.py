@@ -33,7 +33,7 @@ class GroupHandle:
         if x.dim() == 0:
             x = x.view(1)
         out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        _all_gather_into_tensor(out, x, self.group)  # rank blocks stacked on dim 0
+        _all_gather_into_tensor(out, x, group=self.group)  # rank blocks stacked on dim 0
         if dim == 0:
             return out
         return torch.cat(out.chunk(self.size, dim=0), dim=dim)
@@ -45,7 +45,7 @@ class GroupHandle:
         chunks = x.chunk(self.size, dim=dim)
         stacked = torch.cat([c.contiguous() for c in chunks], dim=0) if dim != 0 else x.contiguous()
         out = torch.empty(chunks[0].shape, dtype=x.dtype, device=x.device)
-        _reduce_scatter_tensor(out, stacked, self.group)  # rank blocks stacked on dim 0
+        _reduce_scatter_tensor(out, stacked, group=self.group)  # rank blocks stacked on dim 0
         return out
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,12 +79,12 @@ def _device_of(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-# NOTE: torch 2.13 renames these collectives; the GPU image's torch 2.11 has only the old names.
+# NOTE: torch 2.13 renames these collectives (the old names warn); the GPU image's torch 2.11
+# has only the old names. Looked up at call time, so wrappers of torch.distributed see the calls.
 def _all_gather_into_tensor(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    fn = getattr(dist, "all_gather_into_tensor")
-    fn(out, x, group=group)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
 
 
 def _reduce_scatter_tensor(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    fn = getattr(dist, "reduce_scatter_tensor")
-    fn(out, x, group=group)
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x,
+                                                                                group=group)
