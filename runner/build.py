@@ -72,6 +72,13 @@ def check_config(cfg: DictConfig, objects: dict | None = None, device: torch.dev
                           f" lower model.max_model_len")
     if objects.get("parallel") is None:
         check_layout(cfg.parallel, hf_config, bt.block_size, bt.interleave, device)
+    dcp_size = getattr(objects.get("parallel"), "dcp_size", None) or cfg.parallel.dcp
+    if dcp_size > 1:
+        attention = instantiate(cfg, "attention", objects, device=device)
+        if not getattr(attention, "returns_lse", False):
+            raise RunnerError(f"parallel.dcp={dcp_size} needs an attention backend that returns "
+                              f"the LSE of its partial results; {type(attention).__name__} does "
+                              f"not (returns_lse is not true)")
     _check_fits(loader, device, cfg.parallel.tp)
     return loader
 

@@ -268,3 +268,17 @@ def test_misspelled_key_in_an_option_file_fails_at_compose(tmp_path):
         compose(config_name="config", overrides=["model=tiny"])  # the copy itself is fine
         with pytest.raises(COMPOSE_ERRORS, match="architectur"):
             compose(config_name="config", overrides=["model=typo"])
+
+
+def test_dcp_refuses_a_backend_without_lse():
+    """DCP combines partial attention by its LSE: a backend that cannot return one is refused
+    before any rank starts."""
+    from runner.attention.torch_ref import TorchAttention
+
+    class NoLseAttention(TorchAttention):
+        returns_lse = False
+
+    cfg = compose_config(["parallel.dcp=2"])
+    with pytest.raises(RunnerError, match="parallel.dcp=2 needs an attention backend"):
+        check_config(cfg, {"attention": NoLseAttention()}, device=torch.device("cpu"))
+    check_config(cfg, {"attention": TorchAttention()}, device=torch.device("cpu"))
