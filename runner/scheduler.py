@@ -20,7 +20,6 @@ class ScheduledBatch:
 
     is_prefill: bool
     requests: list[Request]
-    num_preempted: int = 0  # requests preempted while building this batch
 
 
 @dataclass
@@ -66,9 +65,9 @@ class Scheduler:
             return ScheduledBatch(True, prefill)
         if not self.running:
             return None
-        num_preempted = self._reserve_decode_slots()
+        self._reserve_decode_slots()
         self.log.num_decode_steps += 1
-        return ScheduledBatch(False, list(self.running), num_preempted)
+        return ScheduledBatch(False, list(self.running))
 
     def _admit(self) -> list[Request]:
         batch: list[Request] = []
@@ -93,10 +92,9 @@ class Scheduler:
                 self.log.joined_while_decoding += len(batch)
         return batch
 
-    def _reserve_decode_slots(self) -> int:
+    def _reserve_decode_slots(self) -> None:
         """Give every running request room for one more token, preempting the newest
         requests (by recompute) while blocks run out."""
-        num_preempted = 0
         i = 0
         while i < len(self.running):
             request = self.running[i]
@@ -110,8 +108,6 @@ class Scheduler:
                 i += 1
                 continue
             self._preempt(self.running[-1])
-            num_preempted += 1
-        return num_preempted
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

@@ -105,11 +105,11 @@ def test_preempts_newest_first_and_returns_their_blocks():
     assert _ids(batch) == (True, [0, 1, 2, 3]) and scheduler.allocator.num_free == 0
     _sample(batch)  # a 8, b 4, c 4, d 4 tokens: every block still has room
     batch = scheduler.schedule()
-    assert _ids(batch) == (False, [0, 1, 2, 3]) and batch.num_preempted == 0
+    assert _ids(batch) == (False, [0, 1, 2, 3]) and scheduler.log.num_preemptions == 0
     _sample(batch)  # a 9 and b 5 tokens: each needs one more block
     d_blocks = list(d.block_ids)
     batch = scheduler.schedule()
-    assert _ids(batch) == (False, [0, 1]) and batch.num_preempted == 2
+    assert _ids(batch) == (False, [0, 1]) and scheduler.log.num_preemptions == 2
     assert a.block_ids[-1] == d_blocks[0]  # d (the newest) went first; its block went to a
     assert [r.req_id for r in scheduler.waiting] == [2, 3]  # arrival order kept at the front
     for request in (c, d):

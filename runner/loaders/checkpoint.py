@@ -154,21 +154,3 @@ def _read_tensors(path: str, weight_map: dict[str, str],
                    for shard in _names_by_shard(weight_map)}
         for name in sorted(weight_map):
             yield name, handles[weight_map[name]].get_tensor(name)
-
-
-def _header(file_path: str) -> dict:
-    with open(file_path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(header_size))
-
-
-def total_weight_bytes(path: str) -> int:
-    """Bytes of all checkpoint tensors as stored, from the file headers (no tensor is read)."""
-    weight_map = weight_files(path)
-    total = 0
-    for shard, names in _names_by_shard(weight_map).items():
-        header = _header(os.path.join(path, shard))
-        for name in names:
-            start, end = header[name]["data_offsets"]
-            total += end - start
-    return total
