@@ -119,7 +119,8 @@ class BenchTask:
         batch = min(self.num_prompts, runner.scheduler.max_num_seqs,
                     self.max_concurrency or self.num_prompts)
         floor = decode_floor_ms(runner, batch, self.input_len + self.output_len / 2)
-        return {"graph_replay_fraction": getattr(runner.graph, "replay_fraction", 0.0),
+        return {"device": runner.device.type,
+                "graph_replay_fraction": getattr(runner.graph, "replay_fraction", 0.0),
                 "decode_floor_ms": floor, "floor_batch": batch, "request_rate": self.request_rate, "max_concurrency": self.max_concurrency,
                 "num_prompts": self.num_prompts, "input_len": self.input_len,
                 "output_len": self.output_len, "num_warmups": self.num_warmups,
@@ -132,10 +133,11 @@ class BenchTask:
         tpot = metrics.get("mean_tpot_ms") or 0.0
         reached = metrics["decode_floor_ms"] / tpot if tpot else 0.0
         metrics["floor_fraction"] = reached
-        console.print(f"decode steps replayed from CUDA graphs: "
-                      f"{metrics['graph_replay_fraction']:.1%}; bandwidth floor at batch "
-                      f"{metrics['floor_batch']}: {metrics['decode_floor_ms']:.2f} ms per step "
-                      f"(4.3 TB/s), reached {reached:.1%} of it")
+        if metrics["device"] == "cuda":  # graphs and the HBM floor mean nothing on a CPU
+            console.print(f"decode steps replayed from CUDA graphs: "
+                          f"{metrics['graph_replay_fraction']:.1%}; bandwidth floor at batch "
+                          f"{metrics['floor_batch']}: {metrics['decode_floor_ms']:.2f} ms per "
+                          f"step (4.3 TB/s), reached {reached:.1%} of it")
         console.print(f"decode-phase output throughput (no prefill in the step): "
                       f"{metrics['decode_phase_output_throughput']:.2f} tok/s over "
                       f"{metrics['decode_phase_duration']:.2f} s; KV capacity "
