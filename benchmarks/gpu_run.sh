@@ -2,22 +2,7 @@
 # One device call: GPU tests, then the bench runs of the GPU issues. Logs under $OUT, a table last.
 # Usage on the device machine:  bash benchmarks/gpu_run.sh [quick]
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$PWD:${PYTHONPATH:-}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-summary="$OUT/summary.txt"; : > "$summary"
-step() {  # step NAME TIMEOUT CMD...
-  local name=$1 limit=$2; shift 2
-  local t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  local tpot=$(grep -m1 'Mean TPOT' "$OUT/$name.log" | awk '{print $NF}')
-  local tput=$(grep -m1 'Output token throughput' "$OUT/$name.log" | awk '{print $NF}')
-  printf '%-28s rc=%-3s %5ss  TPOT(ms)=%-8s out tok/s=%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "${tpot:--}" "${tput:--}" | tee -a "$summary"
-  [ $rc -ne 0 ] && tail -5 "$OUT/$name.log"
-}
+source "$(dirname "$0")/gpu_common.sh"
 BENCH="task=bench task.num_prompts=128 task.input_len=2 task.output_len=512 task.num_warmups=16 scheduler.max_num_seqs=128 print_config=false hydra.run.dir=$OUT/hydra"
 MODE=${1:-all}   # all | quick (tests + one bench) | bench (benches only) | profile
 [ "$MODE" = all -o "$MODE" = quick ] && step gpu_tests 300 python3 -m pytest -q -m gpu tests -x -p no:cacheprovider

@@ -3,25 +3,7 @@
 # (each comm mode) on both, then the long-context capacity run. Logs under $OUT, a table last.
 # Usage:  bash benchmarks/gpu_run2.sh [short|long|all]
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$PWD:${PYTHONPATH:-} NCCL_NVLS_ENABLE=0
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-summary="$OUT/summary.txt"; : > "$summary"
-step() {  # step NAME TIMEOUT CMD...
-  local name=$1 limit=$2; shift 2
-  local t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  local tpot=$(grep -m1 'Mean TPOT' "$OUT/$name.log" | awk '{print $NF}')
-  local tput=$(grep -m1 'Output token throughput' "$OUT/$name.log" | awk '{print $NF}')
-  local dec=$(grep -m1 -o 'decode-phase output throughput[^;]*' "$OUT/$name.log" | awk '{print $7}')
-  local cap=$(grep -m1 -o 'KV capacity [0-9]*' "$OUT/$name.log" | awk '{print $3}')
-  printf '%-24s rc=%-3s %4ss TPOT=%-7s tok/s=%-9s decode tok/s=%-9s KV=%s\n' "$name" "$rc" \
-    "$(( $(date +%s) - t0 ))" "${tpot:--}" "${tput:--}" "${dec:--}" "${cap:--}" | tee -a "$summary"
-  [ $rc -ne 0 ] && tail -4 "$OUT/$name.log"
-}
+source "$(dirname "$0")/gpu_common.sh"
 MODE=${1:-all}
 Q="print_config=false hydra.run.dir=$OUT/hydra"
 SEED="task=bench task.num_prompts=128 task.input_len=2 task.output_len=512 task.num_warmups=16 scheduler.max_num_seqs=128 $Q"

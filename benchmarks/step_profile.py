@@ -60,7 +60,8 @@ def main(overrides: list[str]) -> None:
         for _ in range(5):
             runner.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                    max_name_column_width=60))
     runner.shutdown()
 
 

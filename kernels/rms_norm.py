@@ -34,9 +34,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     returns the sum x + residual [T, H] (the next residual)."""
     if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],):
         raise ValueError(f"rms_norm: x must be [T, H] with unit column stride and weight [H]; "
-                         f"got x {tuple(x.shape)} strides {x.stride()}, weight {tuple(weight.shape)}")
+                         f"got x {tuple(x.shape)} strides {x.stride()}, "
+                         f"weight {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
-        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must match "
+                         f"x {tuple(x.shape)}")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     summed = torch.empty_like(out) if residual is not None else out
     if x.shape[0]:

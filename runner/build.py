@@ -59,7 +59,8 @@ def check_config(cfg: DictConfig, objects: dict | None = None, device: torch.dev
         if bt.num_blocks is not None and bt.num_blocks <= 0:
             raise RunnerError(f"block_table.num_blocks={bt.num_blocks}: must be >= 1 or null")
         if not 0 < bt.memory_fraction <= 1:
-            raise RunnerError(f"block_table.memory_fraction={bt.memory_fraction}: must be in (0, 1]")
+            raise RunnerError(f"block_table.memory_fraction={bt.memory_fraction}: "
+                              f"must be in (0, 1]")
     loader = instantiate(cfg, "model", objects, seed=cfg.seed)
     if getattr(loader, "requires_gpu", False) and device.type != "cuda":
         raise RunnerError("this model needs a GPU (model.requires_gpu=true) and none is visible: "
@@ -121,7 +122,8 @@ def _num_blocks(block_table, model, plan, device, kv_dtype, max_model_len, max_n
     if num_blocks < per_request:
         longest = max(num_blocks, 0) * block_table.virtual_block_size
         raise RunnerError(f"the KV cache ({num_blocks} blocks) cannot hold one request of "
-                          f"max_model_len={max_model_len} tokens; the longest that fits is {longest}:"
+                          f"max_model_len={max_model_len} tokens; the longest that fits is "
+                          f"{longest}:"
                           f" set model.max_model_len<={longest} or give more memory/num_blocks")
     return num_blocks
 

@@ -53,7 +53,8 @@ def reference() -> str:
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         lines.append(f"### `{group}`\n")
         for option in options:
-            lines.append(f"- `{group}={option}`: {_first_comment(CONF_DIR / group / f'{option}.yaml')}")
+            comment = _first_comment(CONF_DIR / group / f"{option}.yaml")
+            lines.append(f"- `{group}={option}`: {comment}")
         lines.append("")
         if group == "task":
             for name, schema in TASK_SCHEMAS.items():

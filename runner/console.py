@@ -58,7 +58,8 @@ class RequestProgress:
         rate = f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.1f} tok/s"
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, rate=rate)
-        elif num_finished and (time.perf_counter() - self._last_line > 2 or self.done == self.total):
+        elif num_finished and (time.perf_counter() - self._last_line > 2
+                               or self.done == self.total):
             self._last_line = time.perf_counter()
             print(f"{self.label}: {self.done}/{self.total} requests, {rate}", file=sys.stdout,
                   flush=True)

@@ -77,7 +77,8 @@ class Runner:
             raise RequestError("empty prompt: a prompt needs at least one token")
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
         if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary "
+                               f"[0, {self.vocab_size})")
         if len(tokens) >= self.max_model_len:
             raise RequestError(f"prompt of {len(tokens)} tokens leaves no room to generate: "
                                f"max_model_len is {self.max_model_len}")

@@ -196,3 +196,26 @@ class PagedBatch:
             seq_lens=lens, local_seq_lens=lens, block_table=self.block_table,
             max_local_seq_len=max(seq_lens))
         return positions, ForwardContext(meta, self.kv_caches, TorchAttention())
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default, which vLLM uses)."""
+    import math
+
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def assert_latency_stats(metrics: dict, name: str, values_ms: list[float]) -> None:
+    """mean/median/std/p99 `{name}` fields of a bench report equal those of `values_ms`."""
+    import statistics
+
+    import pytest
+
+    assert metrics[f"mean_{name}_ms"] == pytest.approx(statistics.fmean(values_ms))
+    assert metrics[f"median_{name}_ms"] == pytest.approx(statistics.median(values_ms))
+    assert metrics[f"std_{name}_ms"] == pytest.approx(statistics.pstdev(values_ms), abs=1e-9)
+    assert metrics[f"p99_{name}_ms"] == pytest.approx(percentile(values_ms, 99))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 
 import pytest
 
+from helpers import assert_latency_stats
 from runner.errors import RunnerError
 from runner.tasks.bench_metrics import RequestTiming, compute_metrics, format_report
 
@@ -74,22 +74,6 @@ def _two_requests() -> list[RequestTiming]:
         _timing(3, 0.0, [0.125, 0.375, 0.625, 1.125]),
         _timing(5, 0.5, [0.75, 1.0, 2.5]),
     ]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default), written out."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def _check_stats(metrics: dict, name: str, values_ms: list[float]) -> None:
-    assert metrics[f"mean_{name}_ms"] == pytest.approx(statistics.fmean(values_ms))
-    assert metrics[f"median_{name}_ms"] == pytest.approx(statistics.median(values_ms))
-    assert metrics[f"std_{name}_ms"] == pytest.approx(statistics.pstdev(values_ms))
-    assert metrics[f"p99_{name}_ms"] == pytest.approx(_percentile(values_ms, 99))
 
 
 def test_two_requests_every_field():
@@ -200,12 +184,12 @@ def test_random_timings_against_brute_force(seed):
     assert metrics["total_token_throughput"] * duration == pytest.approx(
         num_output + sum(t.prompt_len for t in completed))
 
-    _check_stats(metrics, "ttft", [(t.token_times[0] - t.start) * 1000 for t in completed])
-    _check_stats(metrics, "tpot", [
+    assert_latency_stats(metrics, "ttft", [(t.token_times[0] - t.start) * 1000 for t in completed])
+    assert_latency_stats(metrics, "tpot", [
         (t.token_times[-1] - t.token_times[0]) * 1000 / (len(t.token_times) - 1)
         for t in completed if len(t.token_times) > 1
     ])
-    _check_stats(metrics, "itl", [(b - a) * 1000 for t in completed
+    assert_latency_stats(metrics, "itl", [(b - a) * 1000 for t in completed
                                   for a, b in zip(t.token_times, t.token_times[1:])])
 
     origin = min(t.start for t in completed)

@@ -10,13 +10,14 @@ import json
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from helpers import assert_latency_stats
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 8, 16, 32
@@ -71,15 +72,6 @@ def _result(runs, name: str) -> tuple[str, dict]:
     return proc.stdout, json.loads(path.read_text())
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default, which vLLM uses)."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def _e2e_seconds(metrics: dict) -> list[float]:
     """Per request: submission to last token (TTFT plus every inter-token gap)."""
     return [ttft + sum(gaps) for ttft, gaps in zip(metrics["ttfts"], metrics["itls"])]
@@ -107,11 +99,7 @@ def _check_consistent(metrics: dict) -> None:
     gaps = [gap for request_gaps in metrics["itls"] for gap in request_gaps]
     tpots = [sum(request_gaps) / (OUTPUT_LEN - 1) for request_gaps in metrics["itls"]]
     for name, values in (("ttft", metrics["ttfts"]), ("tpot", tpots), ("itl", gaps)):
-        values_ms = [v * 1000 for v in values]
-        assert metrics[f"mean_{name}_ms"] == pytest.approx(statistics.fmean(values_ms))
-        assert metrics[f"median_{name}_ms"] == pytest.approx(statistics.median(values_ms))
-        assert metrics[f"p99_{name}_ms"] == pytest.approx(_percentile(values_ms, 99))
-        assert metrics[f"std_{name}_ms"] == pytest.approx(statistics.pstdev(values_ms), abs=1e-9)
+        assert_latency_stats(metrics, name, [v * 1000 for v in values])
     # peak tokens in one 1-second bucket: at least the average over the buckets the run spans
     peak = metrics["max_output_tokens_per_s"]
     total = metrics["total_output_tokens"]

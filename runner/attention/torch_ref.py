@@ -11,7 +11,8 @@ from runner.forward_context import AttentionMetadata, KVCacheSpec
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [..., H, Q, D], k [..., H, K, D], v [..., H, K, Dv], mask [..., Q, K] (True = attend)
-    -> out [..., H, Q, Dv] in q's dtype, lse [..., H, Q] fp32. Fully masked rows: out 0, lse -inf."""
+    -> out [..., H, Q, Dv] in q's dtype, lse [..., H, Q] fp32.
+    Fully masked rows: out 0, lse -inf."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is attended

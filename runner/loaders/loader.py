@@ -28,7 +28,8 @@ class HFModelLoader:
                  hf_config: dict[str, Any] | None = None, requires_gpu: bool = False,
                  seed: int = 0):
         if load_format not in LOAD_FORMATS:
-            raise RunnerError(f"model.load_format={load_format!r}: allowed {', '.join(LOAD_FORMATS)}")
+            raise RunnerError(f"model.load_format={load_format!r}: "
+                              f"allowed {', '.join(LOAD_FORMATS)}")
         if dtype != "auto" and dtype not in DTYPES:
             raise RunnerError(f"model.dtype={dtype!r}: allowed auto, {', '.join(DTYPES)}")
         if path is None and load_format == "safetensors":

@@ -50,7 +50,8 @@ def check_layout(p, hf_config, block_size: int, interleave: int, device: torch.d
         raise RunnerError(f"parallel.backend={p.backend!r}: allowed {', '.join(BACKENDS)}")
     if device.type == "cuda":
         if p.backend == "gloo" and tp > 1:
-            raise RunnerError("parallel.backend=gloo cannot run with CUDA tensors: use nccl or auto")
+            raise RunnerError("parallel.backend=gloo cannot run with CUDA tensors: "
+                              "use nccl or auto")
         if tp > torch.cuda.device_count():
             raise RunnerError(f"parallel.tp={tp} ranks need {tp} GPUs; "
                               f"{torch.cuda.device_count()} visible")

@@ -95,7 +95,8 @@ class BenchTask:
                 timing.success, timing.error = False, output.error
         metrics = compute_metrics(list(timings.values()), duration)
         metrics.update(self._context(runner))
-        metrics["decode_phase_output_throughput"] = decode_tokens / decode_time if decode_time else 0.0
+        metrics["decode_phase_output_throughput"] = (decode_tokens / decode_time
+                                                     if decode_time else 0.0)
         metrics["decode_phase_duration"] = decode_time
         if driver:
             self._report(metrics)
@@ -121,7 +122,8 @@ class BenchTask:
         floor = decode_floor_ms(runner, batch, self.input_len + self.output_len / 2)
         return {"device": runner.device.type,
                 "graph_replay_fraction": getattr(runner.graph, "replay_fraction", 0.0),
-                "decode_floor_ms": floor, "floor_batch": batch, "request_rate": self.request_rate, "max_concurrency": self.max_concurrency,
+                "decode_floor_ms": floor, "floor_batch": batch,
+                "request_rate": self.request_rate, "max_concurrency": self.max_concurrency,
                 "num_prompts": self.num_prompts, "input_len": self.input_len,
                 "output_len": self.output_len, "num_warmups": self.num_warmups,
                 "kv_capacity_tokens": runner.kv_capacity_tokens, **runner.plan.describe(),

@@ -22,7 +22,9 @@ class GenerateTask:
             raise RunnerError(f"task.top_k={top_k}: must be >= 0 (0 = off)")
         if not 0 < top_p <= 1:
             raise RunnerError(f"task.top_p={top_p}: must be in (0, 1]")
-        self.prompts, self.prompt_token_ids, self.prompts_file = prompts, prompt_token_ids, prompts_file
+        self.prompts = prompts
+        self.prompt_token_ids = prompt_token_ids
+        self.prompts_file = prompts_file
         self.params = SamplingParams(max_tokens, temperature, top_k, top_p, seed, ignore_eos)
         self.output = output
 
