@@ -219,3 +219,18 @@ def assert_latency_stats(metrics: dict, name: str, values_ms: list[float]) -> No
     assert metrics[f"median_{name}_ms"] == pytest.approx(statistics.median(values_ms))
     assert metrics[f"std_{name}_ms"] == pytest.approx(statistics.pstdev(values_ms), abs=1e-9)
     assert metrics[f"p99_{name}_ms"] == pytest.approx(percentile(values_ms, 99))
+
+
+REPORT_ROWS = {  # every row of `vllm bench serve`'s report -> the metric key it prints
+    "Successful requests:": "completed", "Failed requests:": "failed",
+    "Benchmark duration (s):": "duration", "Total input tokens:": "total_input_tokens",
+    "Total generated tokens:": "total_output_tokens",
+    "Request throughput (req/s):": "request_throughput",
+    "Output token throughput (tok/s):": "output_throughput",
+    "Peak output token throughput (tok/s):": "max_output_tokens_per_s",
+    "Peak concurrent requests:": "max_concurrent_requests",
+    "Total token throughput (tok/s):": "total_token_throughput",
+    **{f"{stat} {row} (ms):": f"{stat.lower()}_{key}_ms"
+       for key, row in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"))
+       for stat in ("Mean", "Median", "P99")},
+}

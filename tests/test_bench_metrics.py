@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from helpers import assert_latency_stats
+from helpers import REPORT_ROWS, assert_latency_stats
 from runner.errors import RunnerError
 from runner.tasks.bench_metrics import RequestTiming, compute_metrics, format_report
 
@@ -49,20 +49,6 @@ SEED_METRICS = {
     "mean_itl_ms": 11.04, "median_itl_ms": 11.00, "p99_itl_ms": 12.88,
 }
 
-
-LABEL_KEYS = {  # every row of the seed's report -> the metric it shows
-    "Successful requests:": "completed", "Failed requests:": "failed",
-    "Benchmark duration (s):": "duration", "Total input tokens:": "total_input_tokens",
-    "Total generated tokens:": "total_output_tokens",
-    "Request throughput (req/s):": "request_throughput",
-    "Output token throughput (tok/s):": "output_throughput",
-    "Peak output token throughput (tok/s):": "max_output_tokens_per_s",
-    "Peak concurrent requests:": "max_concurrent_requests",
-    "Total token throughput (tok/s):": "total_token_throughput",
-    **{f"{stat} {row} (ms):": f"{stat.lower()}_{key}_ms"
-       for key, row in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"))
-       for stat in ("Mean", "Median", "P99")},
-}
 
 def _timing(prompt_len, start, token_offsets, **kwargs) -> RequestTiming:
     return RequestTiming(prompt_len, BASE + start, [BASE + t for t in token_offsets], **kwargs)
@@ -233,7 +219,7 @@ def test_report_parses_back_to_the_numbers():
     report = format_report(metrics)
     rows = _parse_report(report)
     assert list(rows) == list(_parse_report(SEED_REPORT))
-    assert set(rows) == set(LABEL_KEYS)
+    assert set(rows) == set(REPORT_ROWS)
     assert report.splitlines()[0] == SEED_REPORT.splitlines()[0]
     assert all(len(line) == 50 for line in report.splitlines() if line.startswith(("=", "-")))
     assert rows["Successful requests:"] == "2"
@@ -253,7 +239,7 @@ def test_report_parses_back_to_the_numbers():
     assert rows["Mean ITL (ms):"] == "550.00"
     assert rows["Median ITL (ms):"] == "250.00"
     assert rows["P99 ITL (ms):"] == "1460.00"
-    for label, key in LABEL_KEYS.items():
+    for label, key in REPORT_ROWS.items():
         assert float(rows[label]) == pytest.approx(metrics[key], abs=0.005), label
 
 

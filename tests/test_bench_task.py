@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_latency_stats
+from helpers import REPORT_ROWS, assert_latency_stats
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 8, 16, 32
@@ -25,21 +25,6 @@ BENCH = ["task=bench", f"task.num_prompts={NUM_PROMPTS}", f"task.input_len={INPU
          f"task.output_len={OUTPUT_LEN}"]
 RUNS = {"default": [], "rate": ["task.request_rate=50"], "concurrency": ["task.max_concurrency=2"],
         "warmups": ["task.num_warmups=3"]}
-# vLLM's report rows -> the bench.json key each prints (ints as is, floats with 2 decimals)
-ROWS = {
-    "Successful requests:": "completed",
-    "Failed requests:": "failed",
-    "Benchmark duration (s):": "duration",
-    "Total input tokens:": "total_input_tokens",
-    "Total generated tokens:": "total_output_tokens",
-    "Request throughput (req/s):": "request_throughput",
-    "Output token throughput (tok/s):": "output_throughput",
-    "Peak output token throughput (tok/s):": "max_output_tokens_per_s",
-    "Peak concurrent requests:": "max_concurrent_requests",
-    "Total token throughput (tok/s):": "total_token_throughput",
-    **{f"{stat.capitalize() if stat != 'p99' else 'P99'} {name.upper()} (ms):": f"{stat}_{name}_ms"
-       for name in ("ttft", "tpot", "itl") for stat in ("mean", "median", "p99")},
-}
 LIST_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "errors")
 
 
@@ -112,7 +97,7 @@ def _check_consistent(metrics: dict) -> None:
 
 def _printed_rows(stdout: str) -> dict[str, str]:
     rows = {}
-    for label in ROWS:
+    for label in REPORT_ROWS:
         found = re.findall(rf"^{re.escape(label)} +(\S+) *$", stdout, flags=re.MULTILINE)
         assert len(found) == 1, (label, stdout)
         rows[label] = found[0]
@@ -124,7 +109,7 @@ def test_report_rows_match_bench_json(runs, name):
     stdout, metrics = _result(runs, name)
     assert "Serving Benchmark Result" in stdout
     for label, value in _printed_rows(stdout).items():
-        expected = metrics[ROWS[label]]
+        expected = metrics[REPORT_ROWS[label]]
         if isinstance(expected, int) and label != "Peak concurrent requests:":
             assert value == str(expected), label
         else:
