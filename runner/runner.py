@@ -103,15 +103,15 @@ class Runner:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        self.last_step_was_prefill = batch.is_prefill
-        hidden, inputs = self._run(batch)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices[:len(batch.requests)]])
-        tokens, logprobs = sample(logits, [r.params for r in batch.requests],
-                                  [r.sample_key for r in batch.requests],
-                                  [len(r.output_token_ids) for r in batch.requests])
-        return [self._append(r, t, lp) for r, t, lp in zip(batch.requests, tokens, logprobs)]
+        hidden, inputs = self.run_forward(batch)
+        tokens, logprobs = self.sample(batch, self.logits(batch, hidden, inputs))
+        return [self.append_token(r, t, lp)
+                for r, t, lp in zip(batch.requests, tokens, logprobs)]
 
-    def _run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs]:
+    def run_forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs]:
+        """The model forward of a scheduled batch (decode: a graph replay when captured) ->
+        (hidden [T, H] after the final norm, the step's inputs)."""
+        self.last_step_was_prefill = batch.is_prefill
         if batch.is_prefill:
             inputs = prefill_inputs(batch.requests, self.block_table, self.max_num_blocks,
                                     self.device)
@@ -123,12 +123,25 @@ class Runner:
         inputs = self.decode_buffers.inputs(num_padded, max_len)
         return self.graph.replay(inputs), inputs
 
+    def logits(self, batch: ScheduledBatch, hidden: torch.Tensor,
+               inputs: StepInputs) -> torch.Tensor:
+        """[R, vocab] fp32 logits of each scheduled request's last token."""
+        return self.model.compute_logits(hidden[inputs.logits_indices[:len(batch.requests)]])
+
+    def sample(self, batch: ScheduledBatch,
+               logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Each request's next token and its log-probability, from logits [R, vocab]."""
+        return sample(logits, [r.params for r in batch.requests],
+                      [r.sample_key for r in batch.requests],
+                      [len(r.output_token_ids) for r in batch.requests])
+
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         ctx = ForwardContext(inputs.meta, self.kv_caches, self.attention)
         with torch.inference_mode():
             return self.model(inputs.input_ids, inputs.positions, ctx)
 
-    def _append(self, request: Request, token: int, logprob: float) -> TokenEvent:
+    def append_token(self, request: Request, token: int, logprob: float) -> TokenEvent:
+        """Give `request` its next token; finish it on EOS or at its length limit."""
         request.output_token_ids.append(token)
         request.logprobs.append(logprob)
         reason = None
