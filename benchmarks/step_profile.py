@@ -1,14 +1,16 @@
 """Where a decode step's time goes (GPU): per-step host/GPU split, kernel time per category
 (MoE, attention, dense GEMM, collectives, other) and the top kernels, on any parallel layout.
 
-    python3 benchmarks/step_profile.py [model=dsv2lite] [parallel.dcp=2] ...   (Hydra overrides)
+    python3 benchmarks/step_profile.py [--prompt-len 2] [model=dsv2lite] [parallel.dcp=2] ...
+    (Hydra overrides after the options; batch = scheduler.max_num_seqs, default 128)
 
-Rank 0 prints: host time to schedule + fill the inputs, GPU time of the forward (CUDA events),
-time of logits + sampling, the GPU idle share of a step, then torch.profiler's kernel time per
+Rank 0 prints: the median decode step, its host part until the graph is queued, kernel time
+per step and the GPU idle rest, then torch.profiler's kernel time per
 step by category (collectives = NCCL kernels: the per-step collective time) and its top kernels.
 """
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import time
@@ -23,7 +25,7 @@ NUM_TIMED_STEPS = 50
 NUM_PROFILED_STEPS = 5
 CATEGORIES = (  # first match wins; names are lower-cased kernel names
     ("collectives (NCCL)", ("nccl",)),
-    ("MoE (routed experts)", ("moe", "align", "expert")),
+    ("MoE (routed experts)", ("moe", "align", "gate_up", "_down_kernel", "sum_choices")),
     ("attention decode", ("paged", "decode", "merge")),
     ("dense GEMM", ("gemm", "nvjet", "cutlass", "sm90", "cublas", "splitk")),
 )
@@ -41,34 +43,24 @@ def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def _time_steps(runner) -> str:
-    """Median host prepare / GPU forward / the rest of a decode step."""
-    host_prepare, gpu_forward, wall = [], [], []
-    start_evt, end_evt = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def _time_steps(runner) -> tuple[float, float]:
+    """Median wall time of a decode step and of its host part up to the graph launch."""
+    launch, wall = [], []
     for _ in range(NUM_TIMED_STEPS):
         t0 = time.perf_counter()
         batch = runner.scheduler.schedule()
-        num_padded = runner.graph.padded_size(len(batch.requests))
-        runner.decode_buffers.fill(batch.requests, num_padded, runner.block_table)
-        inputs = runner.decode_buffers.inputs(num_padded, runner.decode_buffers.max_local_seq_len)
+        logits = runner.run_forward(batch)  # returns once the replay is queued
         t1 = time.perf_counter()
-        start_evt.record()
-        hidden = runner.graph.replay(inputs)
-        end_evt.record()
-        tokens, logprobs = runner.sample(batch, runner.logits(batch, hidden, inputs))
+        tokens, logprobs = runner.sample(batch, logits)
         for request, token, logprob in zip(batch.requests, tokens, logprobs):
             runner.append_token(request, token, logprob)
-        t2 = time.perf_counter()
-        host_prepare.append((t1 - t0) * 1e3)
-        gpu_forward.append(start_evt.elapsed_time(end_evt))
-        wall.append((t2 - t0) * 1e3)
-    step, forward = _median(wall), _median(gpu_forward)
-    return (f"step {step:.2f} ms = prepare (host) {_median(host_prepare):.2f} + forward, logits, "
-            f"sample and bookkeeping {step - _median(host_prepare):.2f}; forward on the GPU "
-            f"{forward:.2f} ms; GPU idle ~{max(0.0, step - forward):.2f} ms per step")
+        wall.append((time.perf_counter() - t0) * 1e3)
+        launch.append((t1 - t0) * 1e3)
+    return _median(wall), _median(launch)
 
 
-def _profile_steps(runner) -> str:
+def _profile_steps(runner) -> tuple[dict[str, float], float, list[str]]:
+    """Kernel ms per step by category, kernels per step, the top-kernel lines."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(NUM_PROFILED_STEPS):
             runner.step()
@@ -78,39 +70,53 @@ def _profile_steps(runner) -> str:
     for e in events:
         per_category[_category(e.key)] += e.device_time_total / 1e3 / NUM_PROFILED_STEPS
         launches += e.count
-    lines = [f"kernel time per step by category ({launches / NUM_PROFILED_STEPS:.0f} kernels "
-             "per step):"]
+    top = [f"  {e.count / NUM_PROFILED_STEPS:6.0f} "
+           f"{e.device_time_total / 1e3 / NUM_PROFILED_STEPS:7.3f}  {e.key[:90]}"
+           for e in sorted(events, key=lambda e: -e.device_time_total)[:30]]
+    return per_category, launches / NUM_PROFILED_STEPS, top
+
+
+def _report(wall: float, launch: float, per_category: dict[str, float], num_kernels: float,
+            top: list[str]) -> str:
+    gpu = sum(per_category.values())
+    lines = [f"step {wall:.2f} ms (median of {NUM_TIMED_STEPS}): host until the graph is queued "
+             f"{launch:.2f} ms; kernels {gpu:.2f} ms per step ({num_kernels:.0f} kernels); "
+             f"GPU idle ~{max(0.0, wall - gpu):.2f} ms per step",
+             "kernel time per step by category:"]
     for category, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {category:<40} {ms:7.3f} ms")
-    lines.append(f"  {'total':<40} {sum(per_category.values()):7.3f} ms")
     lines.append("top kernels (per step: calls, ms):")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:30]:
-        lines.append(f"  {e.count / NUM_PROFILED_STEPS:6.0f} {e.device_time_total / 1e3 / NUM_PROFILED_STEPS:7.3f}"
-                     f"  {e.key[:90]}")
-    return "\n".join(lines)
+    return "\n".join(lines + top)
 
 
-def profile_rank(cfg, rank: int) -> str | None:
+def profile_rank(cfg, rank: int, prompt_len: int) -> str | None:
     runner = build_runner(cfg)
     rng = random.Random(0)
     for _ in range(cfg.scheduler.max_num_seqs):
-        runner.add_request([rng.randrange(1000) for _ in range(2)],
+        runner.add_request([rng.randrange(1000) for _ in range(prompt_len)],
                            SamplingParams(max_tokens=400, ignore_eos=True))
-    for _ in range(20):  # prefill + warm-up decode steps
+    runner.step()
+    while runner.last_step_was_prefill:  # every prompt in, then a few warm-up decode steps
+        runner.step()
+    for _ in range(10):
         runner.step()
     try:
-        timing = _time_steps(runner)
-        kernels = _profile_steps(runner)
+        wall, launch = _time_steps(runner)
+        report = _report(wall, launch, *_profile_steps(runner))
     finally:
         runner.shutdown()
     if not runner.plan.is_driver:
         return None
-    return f"batch {cfg.scheduler.max_num_seqs}, {cfg.parallel}:\n{timing}\n{kernels}"
+    return (f"batch {cfg.scheduler.max_num_seqs}, prompts of {prompt_len} tokens, "
+            f"{cfg.parallel}:\n{report}")
 
 
-def main(overrides: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-len", type=int, default=2)
+    args, overrides = parser.parse_known_args(argv)
     cfg = compose_config(["model=dsv2lite", "scheduler.max_num_seqs=128", *overrides])
-    print(launch(cfg, profile_rank))
+    print(launch(cfg, profile_rank, args.prompt_len))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,7 @@ def forced_logprobs(cfg, rank: int, prompt_len: int, num_steps: int) -> torch.Te
     try:
         while runner.has_unfinished():
             batch = runner.scheduler.schedule()
-            hidden, inputs = runner.run_forward(batch)
-            rows = runner.logits(batch, hidden, inputs).log_softmax(-1).cpu()
+            rows = runner.run_forward(batch).logits.log_softmax(-1).cpu()
             for request, row in zip(batch.requests, rows):
                 index, step = req_ids.index(request.req_id), len(request.output_token_ids)
                 if not batch.is_prefill:

@@ -23,11 +23,11 @@ class TimedEagerGraph(EagerGraph):
 
     def replay(self, inputs):
         start = time.perf_counter()
-        hidden = super().replay(inputs)
-        if hidden.is_cuda:
+        output = super().replay(inputs)  # the step's logits (runner.sampler.StepLogits)
+        if output.logits.is_cuda:
             torch.cuda.synchronize()  # GPU kernels run asynchronously: wait before the clock
         self.step_times_ms.append((time.perf_counter() - start) * 1000)
-        return hidden
+        return output
 
     def describe(self) -> str:
         return "eager, timed"

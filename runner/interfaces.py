@@ -91,15 +91,14 @@ class BlockTable(Protocol):  # conf/block_table
 class GraphCapturer(Protocol):  # conf/graph
     uses_static_max_len: bool  # attention must use the buffers' static length bound
 
-    def capture(self, forward: Callable[[StepInputs], torch.Tensor],
-                buffers: DecodeBuffers) -> None:
-        """Record decode steps over the persistent buffers (eager: just keep `forward`)."""
+    def capture(self, step_fn: Callable[[StepInputs], Any], buffers: DecodeBuffers) -> None:
+        """Record decode steps over the persistent buffers (eager: just keep `step_fn`)."""
 
     def padded_size(self, num_reqs: int) -> int:
         """The batch size a decode step of `num_reqs` requests runs at."""
 
-    def replay(self, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states [padded, H] of the decode step whose inputs fill the buffers."""
+    def replay(self, inputs: StepInputs) -> Any:
+        """What `step_fn` returns for the decode step whose inputs are staged in the buffers."""
 
     def release(self) -> None:
         """Free captured graphs (before process groups are destroyed)."""

@@ -14,7 +14,7 @@ from runner.errors import RequestError, RunnerError
 from runner.forward_context import ForwardContext
 from runner.kv_cache import BlockAllocator, allocate_kv_caches
 from runner.request import Request, RequestOutput, SamplingParams, TokenEvent
-from runner.sampler import prompt_key, sample
+from runner.sampler import StepLogits, prompt_key, sample, step_logits
 from runner.scheduler import ScheduledBatch, Scheduler, cdiv
 from runner.step_inputs import DecodeBuffers, StepInputs, prefill_inputs
 
@@ -46,7 +46,7 @@ class Runner:
                                             block_table.max_local_len(max_model_len), device)
         self.requests: dict[int, Request] = {}
         self._next_req_id = 0
-        self.graph.capture(self._forward, self.decode_buffers)
+        self.graph.capture(self._decode_step, self.decode_buffers)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -103,37 +103,36 @@ class Runner:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        hidden, inputs = self.run_forward(batch)
-        tokens, logprobs = self.sample(batch, self.logits(batch, hidden, inputs))
+        tokens, logprobs = self.sample(batch, self.run_forward(batch))
         return [self.append_token(r, t, lp)
                 for r, t, lp in zip(batch.requests, tokens, logprobs)]
 
-    def run_forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs]:
-        """The model forward of a scheduled batch (decode: a graph replay when captured) ->
-        (hidden [T, H] after the final norm, the step's inputs)."""
+    def run_forward(self, batch: ScheduledBatch) -> StepLogits:
+        """The forward of a scheduled batch (decode: one graph replay when captured) -> logits of
+        each request's last token, [R, vocab] fp32, with their greedy summary."""
         self.last_step_was_prefill = batch.is_prefill
         if batch.is_prefill:
             inputs = prefill_inputs(batch.requests, self.block_table, self.max_num_blocks,
                                     self.device)
-            return self._forward(inputs), inputs
-        num_padded = self.graph.padded_size(len(batch.requests))
-        self.decode_buffers.fill(batch.requests, num_padded, self.block_table)
+            hidden = self._forward(inputs)
+            return step_logits(self.model.compute_logits(hidden[inputs.logits_indices]))
+        num_reqs = len(batch.requests)
+        num_padded = self.graph.padded_size(num_reqs)
+        self.decode_buffers.stage(batch.requests, num_padded)
         max_len = (self.decode_buffers.max_local_seq_len if self.graph.uses_static_max_len else
                    self.block_table.max_local_len(max(r.num_tokens for r in batch.requests)))
-        inputs = self.decode_buffers.inputs(num_padded, max_len)
-        return self.graph.replay(inputs), inputs
+        return self.graph.replay(self.decode_buffers.inputs(num_padded, max_len)).rows(num_reqs)
 
-    def logits(self, batch: ScheduledBatch, hidden: torch.Tensor,
-               inputs: StepInputs) -> torch.Tensor:
-        """[R, vocab] fp32 logits of each scheduled request's last token."""
-        return self.model.compute_logits(hidden[inputs.logits_indices[:len(batch.requests)]])
-
-    def sample(self, batch: ScheduledBatch,
-               logits: torch.Tensor) -> tuple[list[int], list[float]]:
-        """Each request's next token and its log-probability, from logits [R, vocab]."""
+    def sample(self, batch: ScheduledBatch, logits: StepLogits) -> tuple[list[int], list[float]]:
+        """Each request's next token and its log-probability."""
         return sample(logits, [r.params for r in batch.requests],
                       [r.sample_key for r in batch.requests],
                       [len(r.output_token_ids) for r in batch.requests])
+
+    def _decode_step(self, inputs: StepInputs) -> StepLogits:
+        """What a decode graph holds: staged rows -> inputs -> forward -> logits [padded, V]."""
+        self.decode_buffers.derive(inputs.input_ids.shape[0], self.block_table)
+        return step_logits(self.model.compute_logits(self._forward(inputs)))
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         ctx = ForwardContext(inputs.meta, self.kv_caches, self.attention)

@@ -5,10 +5,29 @@ from __future__ import annotations
 
 import zlib
 from array import array
+from dataclasses import dataclass
 
 import torch
 
 from runner.request import SamplingParams
+
+
+@dataclass
+class StepLogits:
+    """What a forward hands the sampler (on the device; a decode step's come out of its graph)."""
+
+    logits: torch.Tensor  # [R, V] fp32
+    greedy: torch.Tensor  # [R, 3] fp64: argmax token id, its logit, logsumexp of the row
+
+    def rows(self, num_rows: int) -> StepLogits:
+        return StepLogits(self.logits[:num_rows], self.greedy[:num_rows])
+
+
+def step_logits(logits: torch.Tensor) -> StepLogits:
+    """logits [R, V] fp32 -> the logits with each row's greedy summary, computed on the device."""
+    best, lse = logits.max(dim=-1), torch.logsumexp(logits, dim=-1)  # [R] each
+    return StepLogits(logits, torch.stack([best.indices.double(), best.values.double(),
+                                           lse.double()], dim=1))
 
 
 def prompt_key(prompt_token_ids: list[int]) -> int:
@@ -38,23 +57,22 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs / probs.sum()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], request_keys: list[int],
+def sample(step: StepLogits, params: list[SamplingParams], request_keys: list[int],
            output_indices: list[int]) -> tuple[list[int], list[float]]:
-    """logits [R, V] fp32 -> (token per row, its log-probability under the unfiltered model).
+    """-> (token per row, its log-probability under the unfiltered model).
     One device-to-host transfer for greedy rows; sampled rows bring their logits to the host."""
-    best, lse = logits.max(dim=-1), torch.logsumexp(logits.float(), dim=-1)  # [R] each
-    host = torch.stack([best.indices.double(), best.values.double(), lse.double()]).cpu()
-    tokens = host[0].long().tolist()
-    logprobs = (host[1] - host[2]).tolist()
+    host = step.greedy.cpu()  # [R, 3]
+    tokens = host[:, 0].long().tolist()
+    logprobs = (host[:, 1] - host[:, 2]).tolist()
     for row, p in enumerate(params):
         if p.temperature <= 0:
             continue
-        row_logits = logits[row].cpu()
+        row_logits = step.logits[row].cpu()
         probs = _filtered_probs(row_logits, p)
         u = _draw(p.seed, request_keys[row], output_indices[row])
         cdf = torch.cumsum(probs, 0)
         token = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype))),
                     probs.shape[0] - 1)
         tokens[row] = token
-        logprobs[row] = float(row_logits[token].double() - host[2, row])
+        logprobs[row] = float(row_logits[token].double() - host[row, 2])
     return tokens, logprobs

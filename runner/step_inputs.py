@@ -51,7 +51,11 @@ def prefill_inputs(requests: list[Request], block_table, max_num_blocks: int,
 
 
 class DecodeBuffers:
-    """Persistent inputs of a decode step for up to `max_num_reqs` requests."""
+    """Persistent inputs of a decode step for up to `max_num_reqs` requests.
+
+    A step is `stage` (host: token, length and block rows into pinned memory, two copies to the
+    device) then `derive` (device: ids, positions, slots and rank-local lengths from the staged
+    rows), which runs inside the decode graph so that a replay needs no other launch."""
 
     def __init__(self, max_num_reqs: int, max_num_blocks: int, max_local_seq_len: int,
                  device: torch.device):
@@ -72,46 +76,49 @@ class DecodeBuffers:
         self._pinned_rows = torch.zeros(3, max_num_reqs, dtype=torch.int64, pin_memory=pin)
         self._pinned_table = torch.zeros(max_num_reqs, max_num_blocks, dtype=torch.int32,
                                          pin_memory=pin)
-        self._host_rows = self._pinned_rows.numpy()  # [3, Rmax]
+        self._host_rows = self._pinned_rows.numpy()  # [3, Rmax]: token id, length, row index
         self._host_table = self._pinned_table.numpy()  # [Rmax, max_blocks]
+        self._table_keys: list[tuple | None] = [None] * max_num_reqs  # what each row holds
         self._staged_rows = torch.zeros(3, max_num_reqs, dtype=torch.int64, device=device)
 
-    def fill(self, requests: list[Request], num_padded: int, block_table) -> None:
-        """Rewrite rows [0, num_padded): real requests first, then padding rows, with two
-        host-to-device copies. Stale entries past a row's own blocks are never read."""
+    def stage(self, requests: list[Request], num_padded: int) -> None:
+        """Rows [0, num_padded): real requests first, then padding rows (token 0, length 0,
+        row -1), with two host-to-device copies. A block-table row is rewritten only when its
+        request or block count changed (a running request's blocks only grow, until it is
+        preempted); entries past a row's own blocks are never read."""
         n = len(requests)
-        num_cols = max(len(r.block_ids) for r in requests)
-        rows = self._host_rows[:3, :num_padded]  # token id, length, request row
-        rows[0, n:] = 0
-        rows[1, n:] = 0
-        rows[2, n:] = -1
-        table = self._host_table[:n, :num_cols]
+        rows = self._host_rows
+        rows[0, :n] = [r.last_token_id for r in requests]
+        rows[1, :n] = [r.num_tokens for r in requests]
+        rows[2, :n] = range(n)
+        rows[0:2, n:num_padded] = 0
+        rows[2, n:num_padded] = -1
         for i, r in enumerate(requests):
-            rows[0, i] = r.all_token_ids[-1]
-            rows[1, i] = r.num_tokens
-            rows[2, i] = i
-            table[i, :len(r.block_ids)] = r.block_ids
+            key = (r.req_id, r.num_preemptions, len(r.block_ids))
+            if self._table_keys[i] != key:
+                self._table_keys[i] = key
+                self._host_table[i, :len(r.block_ids)] = r.block_ids
         self._staged_rows.copy_(self._pinned_rows, non_blocking=True)  # contiguous: one DMA
         self.block_table[:n].copy_(self._pinned_table[:n], non_blocking=True)
-        device_rows = self._staged_rows[:, :num_padded]
-        self.input_ids[:num_padded] = device_rows[0]
-        self.seq_lens[:num_padded] = device_rows[1]
-        self.positions[:num_padded] = (device_rows[1] - 1).clamp(min=0)
-        self.req_indices[:num_padded] = device_rows[2]
+
+    def stage_padding(self, num_padded: int) -> None:
+        """Rows [0, num_padded) as padding (graph capture): slot -1, length 0."""
+        self._host_rows[0:2, :num_padded] = 0
+        self._host_rows[2, :num_padded] = -1
+        self._staged_rows.copy_(self._pinned_rows)
+        self.block_table[:num_padded] = 0
+
+    def derive(self, num_padded: int, block_table) -> None:
+        """Device side of a step (captured with it): every per-row input from the staged rows."""
+        staged = self._staged_rows[:, :num_padded]
+        self.input_ids[:num_padded] = staged[0]
+        self.seq_lens[:num_padded] = staged[1]
+        self.positions[:num_padded] = (staged[1] - 1).clamp(min=0)
+        self.req_indices[:num_padded] = staged[2]
         self.slot_mapping[:num_padded] = block_table.slot_mapping(
             self.positions[:num_padded], self.req_indices[:num_padded],
             self.block_table[:num_padded])
         self.local_seq_lens[:num_padded] = block_table.local_seq_lens(self.seq_lens[:num_padded])
-
-    def fill_padding(self, num_padded: int) -> None:
-        """Rows [0, num_padded) as padding (graph capture): slot -1, length 0."""
-        self.input_ids[:num_padded] = 0
-        self.positions[:num_padded] = 0
-        self.req_indices[:num_padded] = -1
-        self.seq_lens[:num_padded] = 0
-        self.local_seq_lens[:num_padded] = 0
-        self.slot_mapping[:num_padded] = -1
-        self.block_table[:num_padded] = 0
 
     def inputs(self, num_padded: int, max_local_seq_len: int) -> StepInputs:
         meta = AttentionMetadata(

@@ -12,8 +12,10 @@ SIZES = [1, 2, 4, 8]
 
 def _runner(*overrides):
     from runner import build_runner, compose_config
+    # a fixed cache: a second runner in the process must not size by the first one's free memory
     return build_runner(compose_config(["model.dtype=float32", "device=cuda",
-                                        "scheduler.max_num_seqs=8", *overrides]))
+                                        "scheduler.max_num_seqs=8", "block_table.num_blocks=512",
+                                        *overrides]))
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny_llama"])
@@ -28,10 +30,10 @@ def test_graph_replay_equals_eager_for_every_size(model):
         requests = runner.scheduler.running[:num_reqs]
         padded = runner.graph.padded_size(num_reqs)
         assert padded in SIZES and padded >= num_reqs
-        runner.decode_buffers.fill(requests, padded, runner.block_table)
+        runner.decode_buffers.stage(requests, padded)
         inputs = runner.decode_buffers.inputs(padded, runner.decode_buffers.max_local_seq_len)
-        replayed = runner.graph.replay(inputs)[:num_reqs].clone()
-        eager = runner._forward(inputs)[:num_reqs]
+        replayed = runner.graph.replay(inputs).logits[:num_reqs].clone()
+        eager = runner._decode_step(inputs).logits[:num_reqs]
         torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
     runner.shutdown()
 

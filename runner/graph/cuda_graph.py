@@ -7,7 +7,7 @@ capture and every rank captures the same sizes in the same order."""
 from __future__ import annotations
 
 import bisect
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -28,26 +28,25 @@ class CudaGraph:
     def __init__(self, batch_sizes: list[int] | None = None):
         self.requested_sizes = batch_sizes
         self.sizes: list[int] = []
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Any]] = {}  # size -> graph, output
         self.num_replayed = 0
         self.num_eager = 0
 
-    def capture(self, forward: Callable[[StepInputs], torch.Tensor],
-                buffers: DecodeBuffers) -> None:
-        self._forward = forward
+    def capture(self, step_fn: Callable[[StepInputs], Any], buffers: DecodeBuffers) -> None:
+        self._step_fn = step_fn
         wanted = self.requested_sizes or default_batch_sizes(buffers.max_num_reqs)
         self.sizes = sorted(s for s in wanted if 0 < s <= buffers.max_num_reqs)
         pool = torch.cuda.graph_pool_handle()
         try:
             for size in reversed(self.sizes):
-                buffers.fill_padding(size)
+                buffers.stage_padding(size)
                 inputs = buffers.inputs(size, buffers.max_local_seq_len)
-                forward(inputs)  # warm-up: compiles kernels, settles allocations
+                step_fn(inputs)  # warm-up: compiles kernels, settles allocations
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    hidden = forward(inputs)
-                self.graphs[size] = (graph, hidden)
+                    output = step_fn(inputs)
+                self.graphs[size] = (graph, output)
         except RuntimeError as e:
             raise RunnerError(f"graph=cuda: capturing the decode step failed ({e}); "
                               f"use graph=eager") from None
@@ -57,15 +56,15 @@ class CudaGraph:
         i = bisect.bisect_left(self.sizes, num_reqs)
         return self.sizes[i] if i < len(self.sizes) else num_reqs
 
-    def replay(self, inputs: StepInputs) -> torch.Tensor:
+    def replay(self, inputs: StepInputs) -> Any:
         size = inputs.input_ids.shape[0]
         if size not in self.graphs:
             self.num_eager += 1
-            return self._forward(inputs)
-        graph, hidden = self.graphs[size]
+            return self._step_fn(inputs)
+        graph, output = self.graphs[size]
         graph.replay()
         self.num_replayed += 1
-        return hidden
+        return output
 
     @property
     def replay_fraction(self) -> float:

@@ -1,9 +1,7 @@
 """No graphs: every decode step runs the model directly (CPU, debugging)."""
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
+from typing import Any, Callable
 
 from runner.step_inputs import DecodeBuffers, StepInputs
 
@@ -11,15 +9,14 @@ from runner.step_inputs import DecodeBuffers, StepInputs
 class EagerGraph:
     uses_static_max_len = False  # attention may use the batch's own length bound
 
-    def capture(self, forward: Callable[[StepInputs], torch.Tensor],
-                buffers: DecodeBuffers) -> None:
-        self._forward = forward
+    def capture(self, step_fn: Callable[[StepInputs], Any], buffers: DecodeBuffers) -> None:
+        self._step_fn = step_fn
 
     def padded_size(self, num_reqs: int) -> int:
         return num_reqs
 
-    def replay(self, inputs: StepInputs) -> torch.Tensor:
-        return self._forward(inputs)
+    def replay(self, inputs: StepInputs) -> Any:
+        return self._step_fn(inputs)
 
     def release(self) -> None:
         pass
