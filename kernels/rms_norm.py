@@ -29,9 +29,10 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidden_s
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None):
-    """x [T, H] (rows may be strided), weight [H] -> out [T, H]; with `residual` [T, H] also
-    returns the sum x + residual [T, H] (the next residual)."""
+             residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """x [T, H] (rows may be strided), weight [H] -> out [T, H] (new, or the given `out`, whose
+    rows may be strided); with `residual` [T, H] also returns the sum x + residual [T, H] (the
+    next residual)."""
     if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],):
         raise ValueError(f"rms_norm: x must be [T, H] with unit column stride and weight [H]; "
                          f"got x {tuple(x.shape)} strides {x.stride()}, "
@@ -39,8 +40,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
         raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must match "
                          f"x {tuple(x.shape)}")
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    summed = torch.empty_like(out) if residual is not None else out
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif out.shape != x.shape or out.stride(-1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"rms_norm: out {tuple(out.shape)} {out.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype} with unit column stride")
+    summed = out if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0]:
         _rms_norm_kernel[(x.shape[0],)](
             x, residual if residual is not None else x, weight, out, summed, x.shape[1], eps,

@@ -1,6 +1,7 @@
 """Rotary position embedding in one launch: x [T, H, D] (strided rows and heads) rotated by
-cos/sin [T, D/2] in fp32, written to a new contiguous tensor in x's dtype. Pairs are either
-interleaved (x[2i], x[2i+1]: DeepSeek) or halves (x[i], x[i + D/2]: Llama's rotate-half)."""
+cos/sin [T, D/2] in fp32, written in x's dtype to a new tensor or to a given strided view.
+Pairs are either interleaved (x[2i], x[2i+1]: DeepSeek) or halves (x[i], x[i + D/2]: Llama's
+rotate-half)."""
 from __future__ import annotations
 
 import torch
@@ -31,9 +32,10 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, half_dim,
     tl.store(dest + second, (bf * cos + af * sin).to(a.dtype), mask=mask)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           interleaved: bool) -> torch.Tensor:
-    """x [T, H, D] (unit stride in D), cos/sin [T, D/2] fp32 -> rotated [T, H, D] in x.dtype."""
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H, D] (unit stride in D), cos/sin [T, D/2] fp32 -> rotated [T, H, D] in x.dtype
+    (new, or written into `out`, a [T, H, D] view with unit stride in D)."""
     if x.dim() != 3 or x.stride(-1) != 1 or x.shape[-1] % 2:
         raise ValueError(f"rotary: x must be [T, H, D] with even D and unit stride in D; got "
                          f"{tuple(x.shape)} strides {x.stride()}")
@@ -41,7 +43,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if cos.shape != (x.shape[0], half_dim) or sin.shape != cos.shape or cos.stride(-1) != 1:
         raise ValueError(f"rotary: cos/sin must be [{x.shape[0]}, {half_dim}], got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.stride(-1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"rotary: out {tuple(out.shape)} {out.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype} with unit stride in D")
     if x.shape[0]:
         _rotary_kernel[(x.shape[0],)](
             x, cos, sin, out, x.shape[1], half_dim, x.stride(0), x.stride(1), cos.stride(0),

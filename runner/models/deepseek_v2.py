@@ -77,6 +77,8 @@ class MLAAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
+        """Roped parts and projections are written straight into the buffers the cache write
+        and the attention read (no concatenation copies in a decode step)."""
         num_tokens, num_heads = hidden.shape[0], self.num_local_heads
         if self.q_lora_rank is None:
             q = self.q_proj(hidden)
@@ -84,29 +86,34 @@ class MLAAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
         q = q.view(num_tokens, num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, r]
-        q_pe = apply_rotary(q_pe, cos, sin)
         latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope_dim],
                                                              dim=-1)
-        latent = self.kv_a_layernorm(latent)  # [T, kv_lora]
-        k_pe = apply_rotary(k_pe.unsqueeze(1), cos, sin)  # [T, 1, r]
+        kv = hidden.new_empty(num_tokens, 1, self.kv_lora_rank + self.rope_dim)  # the cache row
+        self.kv_a_layernorm(latent, out=kv[:, 0, :self.kv_lora_rank])
+        apply_rotary(k_pe.unsqueeze(1), cos, sin, out=kv[:, :, self.kv_lora_rank:])
+        latent, k_pe = kv[:, 0, :self.kv_lora_rank], kv[:, :, self.kv_lora_rank:]  # [T,c] [T,1,r]
 
         meta = ctx.attn_meta
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        ctx.attention.write_kv(k_cache, v_cache, meta.slot_mapping,
-                               torch.cat((latent.unsqueeze(1), k_pe), dim=-1), None)
+        ctx.attention.write_kv(k_cache, v_cache, meta.slot_mapping, kv, None)
         if meta.is_prefill:
-            kv = self.kv_b_proj(latent).view(num_tokens, num_heads, self.nope_dim + self.v_dim)
-            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+            q_pe = apply_rotary(q_pe, cos, sin)
+            kv_up = self.kv_b_proj(latent).view(num_tokens, num_heads, self.nope_dim + self.v_dim)
+            k_nope, v = kv_up.split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat((k_nope, k_pe.expand(-1, num_heads, -1)), dim=-1)  # [T, H, nope + r]
             out, _ = ctx.attention.prefill(torch.cat((q_nope, q_pe), dim=-1), k, v, meta,
                                            self.scale)  # [T, H, v]
-        else:
-            w_uk, w_uv = self._absorbed_weights()
-            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, kv_lora]
-            out_latent, _ = ctx.attention.decode(torch.cat((q_latent, q_pe), dim=-1), k_cache,
-                                                 v_cache, meta, self.scale)  # [T, H, kv_lora]
-            out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
-        return self.o_proj(out.reshape(num_tokens, num_heads * self.v_dim))
+            return self.o_proj(out.reshape(num_tokens, num_heads * self.v_dim))
+        w_uk, w_uv = self._absorbed_weights()
+        q_absorbed = hidden.new_empty(num_tokens, num_heads, self.kv_lora_rank + self.rope_dim)
+        torch.bmm(q_nope.transpose(0, 1), w_uk,
+                  out=q_absorbed[:, :, :self.kv_lora_rank].transpose(0, 1))  # [H, T, c] view
+        apply_rotary(q_pe, cos, sin, out=q_absorbed[:, :, self.kv_lora_rank:])
+        out_latent, _ = ctx.attention.decode(q_absorbed, k_cache, v_cache, meta,
+                                             self.scale)  # [T, H, c]
+        out = hidden.new_empty(num_tokens, num_heads, self.v_dim)
+        torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+        return self.o_proj(out.view(num_tokens, num_heads * self.v_dim))
 
 
 class DecoderLayer(nn.Module):

@@ -114,3 +114,20 @@ def test_paged_decode_gqa(dtype):
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, ref_out, **tol)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 8, 128, 256])
+@pytest.mark.parametrize("num_groups,topk_group,renormalize", [(1, 1, False), (8, 3, True)])
+def test_moe_router(num_tokens, num_groups, topk_group, renormalize):
+    """DeepSeek-V2-Lite routing (64 experts, H=2048, top-6) and a grouped variant, in bf16."""
+    from kernels.moe_router import moe_route, moe_route_ref
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    x = torch.randn(num_tokens, 2048, device="cuda", generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(64, 2048, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    args = (6, num_groups, topk_group, renormalize, 1.0)
+    got_w, got_ids = moe_route(x, weight, *args)
+    ref_w, ref_ids = moe_route_ref(x, weight, *args)
+    got_order, ref_order = got_ids.argsort(-1), ref_ids.argsort(-1)
+    assert torch.equal(got_ids.gather(1, got_order), ref_ids.gather(1, ref_order))
+    torch.testing.assert_close(got_w.gather(1, got_order), ref_w.gather(1, ref_order),
+                               rtol=1e-5, atol=1e-6)

@@ -53,3 +53,12 @@ def test_gpu_matches_reference_bitwise_order(dtype):
     torch.testing.assert_close(summed, ref_sum, rtol=0, atol=0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+
+
+def test_writes_into_a_strided_view():
+    x = torch.randn(4, 32)
+    weight = torch.rand(32) + 0.5
+    wide = torch.zeros(4, 40)
+    rms_norm(x, weight, 1e-6, out=wide[:, :32])
+    torch.testing.assert_close(wide[:, :32], rms_norm_ref(x, weight, 1e-6), rtol=1e-5, atol=1e-5)
+    assert wide[:, 32:].abs().sum() == 0

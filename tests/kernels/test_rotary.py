@@ -34,3 +34,14 @@ def test_matches_reference_and_complex_math(interleaved, num_heads, head_dim):
 def test_rejects_odd_dim():
     with pytest.raises(ValueError, match="rotary"):
         rotary(torch.randn(2, 1, 5), torch.randn(2, 2), torch.randn(2, 2), True)
+
+
+def test_writes_into_a_strided_view():
+    """`out` may be a slice of a wider buffer (the MLA cache row / absorbed query)."""
+    from kernels.rotary import rotary, rotary_ref
+    x = torch.randn(3, 2, 8)
+    cos, sin = torch.rand(3, 4), torch.rand(3, 4)
+    wide = torch.zeros(3, 2, 20)
+    rotary(x, cos, sin, interleaved=True, out=wide[:, :, 12:])
+    torch.testing.assert_close(wide[:, :, 12:], rotary_ref(x, cos, sin, interleaved=True))
+    assert wide[:, :, :12].abs().sum() == 0

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fused_moe import fused_moe_triton
+from kernels.moe_router import moe_route, moe_route_ref
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -34,29 +35,6 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
-
-
-def select_experts(router_logits: torch.Tensor, top_k: int, topk_method: str, num_groups: int,
-                   topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] fp32 -> (topk_weights [T, K] fp32, topk_ids [T, K] int64).
-
-    Softmax scores; group-limited: only experts of the `topk_group` groups with the highest best
-    score compete. DeepSeek-V2's rule: with norm_topk_prob (and K > 1) the K weights are
-    renormalized to sum 1, otherwise they are multiplied by routed_scaling_factor.
-    """
-    scores = router_logits.softmax(dim=-1, dtype=torch.float32)  # [T, E]
-    if topk_method == "group_limited_greedy":
-        grouped = scores.unflatten(-1, (num_groups, -1))  # [T, G, E/G]
-        best_groups = grouped.amax(dim=-1).topk(topk_group, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
-        scores = grouped.masked_fill(~keep[..., None], 0.0).flatten(1)
-    topk_weights, topk_ids = scores.topk(top_k, dim=-1, sorted=False)
-    if norm_topk_prob and top_k > 1:
-        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-    else:
-        topk_weights = topk_weights * routed_scaling_factor
-    return topk_weights, topk_ids
 
 
 def _can_use_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -165,7 +143,8 @@ class FusedExperts(nn.Module):
 
 
 class DeepseekMoE(nn.Module):
-    """Router (`gate`, replicated, computed in fp32), routed `experts`, `shared_experts`."""
+    """Router (`gate`, replicated, computed in fp32; kernels/moe_router.py has the rule), routed
+    `experts`, `shared_experts`."""
 
     def __init__(self, config, group: GroupHandle, expert_parallel: bool):
         super().__init__()
@@ -187,10 +166,11 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H], summed over ranks."""
         c = self.config
-        router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
-        topk_weights, topk_ids = select_experts(
-            router_logits, c.num_experts_per_tok, c.topk_method, c.n_group, c.topk_group,
-            bool(c.norm_topk_prob), c.routed_scaling_factor)
+        route = moe_route if x.is_cuda else moe_route_ref  # the same rule; fp32 logits
+        num_groups = c.n_group if c.topk_method == "group_limited_greedy" else 1
+        topk_weights, topk_ids = route(x, self.gate.weight, c.num_experts_per_tok, num_groups,
+                                       c.topk_group, bool(c.norm_topk_prob),
+                                       c.routed_scaling_factor)  # [T, K] each
         out = self.experts(x, topk_ids, topk_weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

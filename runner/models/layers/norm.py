@@ -14,6 +14,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.weight.weight_loader = _copy_into
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        fn = rms_norm if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 else rms_norm_ref
-        return fn(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                out: torch.Tensor | None = None):
+        """`out`: write the normed rows there (no residual), e.g. a slice of a wider buffer."""
+        if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+            return rms_norm(x, self.weight, self.eps, residual, out)
+        normed = rms_norm_ref(x, self.weight, self.eps, residual)
+        return normed if out is None else out.copy_(normed)

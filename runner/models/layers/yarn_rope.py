@@ -107,8 +107,11 @@ class DeepseekRotaryEmbedding(nn.Module):
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x [T, H, D] by cos/sin [T, D/2]; in fp32
-    (one Triton launch on a GPU)."""
-    fn = rotary if x.is_cuda and x.stride(-1) == 1 else rotary_ref
-    return fn(x, cos, sin, interleaved=True)
+    (one Triton launch on a GPU). `out`: write there (a [T, H, D] view of a wider buffer)."""
+    if x.is_cuda and x.stride(-1) == 1:
+        return rotary(x, cos, sin, interleaved=True, out=out)
+    rotated = rotary_ref(x, cos, sin, interleaved=True)
+    return rotated if out is None else out.copy_(rotated)

@@ -1,0 +1,117 @@
+"""DeepSeek MoE routing in one kernel: fp32 router logits, softmax, optional group-limited
+selection, top-k, then renormalisation or the routed scaling factor. Replaces six launches per
+MoE layer of a decode step (two casts, an fp32 GEMM, softmax, top-k, a scale).
+
+The rule (DeepSeek-V2's): scores = softmax(x @ W.T) in fp32; group-limited: only experts of the
+`topk_group` groups with the highest best score compete; the K best scores are the weights,
+renormalised to sum 1 with `renormalize` (and K > 1), else multiplied by `scaling`."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_T = 16  # tokens per program
+
+
+@triton.jit
+def _moe_router_kernel(x_ptr, w_ptr, weights_ptr, ids_ptr, num_tokens, hidden_size, num_experts,
+                       x_stride, w_stride, scaling,
+                       TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                       RENORMALIZE: tl.constexpr, BLOCK_TOP_K: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, BLOCK_E)
+    token_mask, expert_mask = tokens < num_tokens, experts < num_experts
+    ks = tl.arange(0, BLOCK_K)
+    logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for k_start in range(0, hidden_size, BLOCK_K):
+        k_mask = k_start + ks < hidden_size
+        x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * x_stride + k_start + ks[None, :],
+                    mask=token_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + experts[None, :] * w_stride + k_start + ks[:, None],
+                    mask=expert_mask[None, :] & k_mask[:, None], other=0.0).to(tl.float32)
+        logits += tl.dot(x, w, input_precision="ieee")  # [BT, BE]
+    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+    exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    scores = exp / tl.sum(exp, axis=1)[:, None]  # [BT, BE]; 0 for padding experts
+    if NUM_GROUPS > 1:
+        group_size = num_experts // NUM_GROUPS
+        group_of = experts // group_size
+        best = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32) - 1.0  # best score per group
+        for g in tl.static_range(NUM_GROUPS):
+            in_group = (group_of == g) & expert_mask
+            top = tl.max(tl.where(in_group[None, :], scores, -1.0), axis=1)
+            best = tl.where(in_group[None, :], top[:, None], best)
+        keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):  # the groups with the highest best score
+            top = tl.max(best, axis=1)
+            first = tl.min(tl.where(best == top[:, None], group_of[None, :], NUM_GROUPS), axis=1)
+            chosen = group_of[None, :] == first[:, None]
+            keep = keep | chosen
+            best = tl.where(chosen, -1.0, best)
+        scores = tl.where(keep, scores, 0.0)
+    remaining = tl.where(expert_mask[None, :], scores, -1.0)
+    slots = tl.arange(0, BLOCK_TOP_K)
+    top_weights = tl.zeros([BLOCK_T, BLOCK_TOP_K], dtype=tl.float32)
+    top_ids = tl.zeros([BLOCK_T, BLOCK_TOP_K], dtype=tl.int64)
+    for k in tl.static_range(TOP_K):  # the best remaining expert (lowest id on ties)
+        top = tl.max(remaining, axis=1)  # [BT]
+        pick = tl.min(tl.where(remaining == top[:, None], experts[None, :], BLOCK_E), axis=1)
+        top_weights = tl.where(slots[None, :] == k, top[:, None], top_weights)
+        top_ids = tl.where(slots[None, :] == k, pick[:, None].to(tl.int64), top_ids)
+        remaining = tl.where(experts[None, :] == pick[:, None], -1.0, remaining)
+    if RENORMALIZE:
+        top_weights = top_weights / (tl.sum(top_weights, axis=1)[:, None] + 1e-20)
+    else:
+        top_weights = top_weights * scaling
+    offsets = tokens[:, None] * TOP_K + slots[None, :]
+    mask = token_mask[:, None] & (slots[None, :] < TOP_K)
+    tl.store(weights_ptr + offsets, top_weights, mask=mask)
+    tl.store(ids_ptr + offsets, top_ids, mask=mask)
+
+
+def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups: int,
+              topk_group: int, renormalize: bool, scaling: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H], gate_weight [E, H] (any float dtype, read as fp32) -> (topk_weights [T, K]
+    fp32, topk_ids [T, K] int64). num_groups <= 1: plain greedy top-k."""
+    num_tokens, hidden_size = x.shape
+    num_experts = gate_weight.shape[0]
+    if x.stride(-1) != 1 or gate_weight.shape[1] != hidden_size or gate_weight.stride(-1) != 1:
+        raise ValueError(f"moe_route: x [T, H] and gate_weight [E, H] with unit column stride; "
+                         f"got {tuple(x.shape)} and {tuple(gate_weight.shape)}")
+    if not 1 <= top_k <= num_experts or (num_groups > 1 and num_experts % num_groups):
+        raise ValueError(f"moe_route: top_k={top_k}, num_groups={num_groups} do not fit "
+                         f"{num_experts} experts")
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
+    if num_tokens:
+        block_e = max(16, triton.next_power_of_2(num_experts))
+        _moe_router_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
+            x, gate_weight, weights, ids, num_tokens, hidden_size, num_experts, x.stride(0),
+            gate_weight.stride(0), scaling, TOP_K=top_k,
+            NUM_GROUPS=num_groups if num_groups > 1 else 1,
+            TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
+            BLOCK_TOP_K=triton.next_power_of_2(top_k),
+            BLOCK_T=BLOCK_T, BLOCK_E=block_e, BLOCK_K=max(16, min(64, 8192 // block_e)),
+            num_warps=4)
+    return weights, ids
+
+
+def moe_route_ref(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups: int,
+                  topk_group: int, renormalize: bool, scaling: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch `moe_route` (the reference models' order of operations)."""
+    scores = torch.nn.functional.linear(x.float(), gate_weight.float()).softmax(dim=-1)  # [T, E]
+    if num_groups > 1:
+        grouped = scores.unflatten(-1, (num_groups, -1))  # [T, G, E/G]
+        best_groups = grouped.amax(dim=-1).topk(topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+        scores = grouped.masked_fill(~keep[..., None], 0.0).flatten(1)
+    topk_weights, topk_ids = scores.topk(top_k, dim=-1, sorted=False)
+    if renormalize and top_k > 1:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        topk_weights = topk_weights * scaling
+    return topk_weights, topk_ids
