@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_T = 16  # tokens per program
+BLOCK_T = 2  # tokens per program: many programs, as each does its fp32 dot on CUDA cores
 
 
 @triton.jit
@@ -29,9 +29,9 @@ def _moe_router_kernel(x_ptr, w_ptr, weights_ptr, ids_ptr, num_tokens, hidden_si
         k_mask = k_start + ks < hidden_size
         x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * x_stride + k_start + ks[None, :],
                     mask=token_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + experts[None, :] * w_stride + k_start + ks[:, None],
-                    mask=expert_mask[None, :] & k_mask[:, None], other=0.0).to(tl.float32)
-        logits += tl.dot(x, w, input_precision="ieee")  # [BT, BE]
+        w = tl.load(w_ptr + experts[:, None] * w_stride + k_start + ks[None, :],
+                    mask=expert_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        logits += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BT, BE], fp32 FMAs
     logits = tl.where(expert_mask[None, :], logits, float("-inf"))
     exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     scores = exp / tl.sum(exp, axis=1)[:, None]  # [BT, BE]; 0 for padding experts
@@ -94,7 +94,7 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
             NUM_GROUPS=num_groups if num_groups > 1 else 1,
             TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
             BLOCK_TOP_K=triton.next_power_of_2(top_k),
-            BLOCK_T=BLOCK_T, BLOCK_E=block_e, BLOCK_K=max(16, min(64, 8192 // block_e)),
+            BLOCK_T=BLOCK_T, BLOCK_E=block_e, BLOCK_K=max(16, min(64, 4096 // block_e)),
             num_warps=4)
     return weights, ids
 

@@ -282,3 +282,10 @@ def test_dcp_refuses_a_backend_without_lse():
     with pytest.raises(RunnerError, match="parallel.dcp=2 needs an attention backend"):
         check_config(cfg, {"attention": NoLseAttention()}, device=torch.device("cpu"))
     check_config(cfg, {"attention": TorchAttention()}, device=torch.device("cpu"))
+
+
+def test_max_model_len_above_the_models_positions_is_refused():
+    """Never silently capped: a length the model was not built for is an error naming the field."""
+    with pytest.raises(RunnerError, match=r"model.max_model_len=4096 .* max_position_embeddings"):
+        check_config(compose_config(["model.max_model_len=4096"]), device=torch.device("cpu"))
+    check_config(compose_config(["model.max_model_len=2048"]), device=torch.device("cpu"))

@@ -74,8 +74,12 @@ class HFModelLoader:
         return DTYPES[self.dtype_name]
 
     def max_model_len(self) -> int:
+        """model.max_model_len, or the model's max_position_embeddings when null; never more."""
         limit = self.hf_config().max_position_embeddings
-        return min(limit, self.max_model_len_cap) if self.max_model_len_cap else limit
+        if self.max_model_len_cap and self.max_model_len_cap > limit:
+            raise RunnerError(f"model.max_model_len={self.max_model_len_cap} is more than the "
+                              f"model's max_position_embeddings={limit}: set it <= {limit}")
+        return self.max_model_len_cap or limit
 
     def model_module(self):
         return importlib.import_module(ARCHITECTURES[self.model_architecture][0])
