@@ -4,9 +4,8 @@
     python3 benchmarks/step_profile.py [--prompt-len 2] [model=dsv2lite] [parallel.dcp=2] ...
     (Hydra overrides after the options; batch = scheduler.max_num_seqs, default 128)
 
-Rank 0 prints: the median decode step, its host part until the graph is queued, kernel time
-per step and the GPU idle rest, then torch.profiler's kernel time per
-step by category (collectives = NCCL kernels: the per-step collective time) and its top kernels.
+Rank 0 prints: the median decode step, kernel time per step and the GPU idle rest, then
+torch.profiler's kernel time per step by category (collectives = NCCL kernels: the per-step collective time) and its top kernels.
 """
 from __future__ import annotations
 
@@ -43,20 +42,14 @@ def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def _time_steps(runner) -> tuple[float, float]:
-    """Median wall time of a decode step and of its host part up to the graph launch."""
-    launch, wall = [], []
+def _time_steps(runner) -> float:
+    """Median wall time of a decode step (`runner.step()`, async scheduling as configured)."""
+    wall = []
     for _ in range(NUM_TIMED_STEPS):
         t0 = time.perf_counter()
-        batch = runner.scheduler.schedule()
-        logits = runner.run_forward(batch)  # returns once the replay is queued
-        t1 = time.perf_counter()
-        tokens, logprobs = runner.sample(batch, logits)
-        for request, token, logprob in zip(batch.requests, tokens, logprobs):
-            runner.append_token(request, token, logprob)
+        runner.step()
         wall.append((time.perf_counter() - t0) * 1e3)
-        launch.append((t1 - t0) * 1e3)
-    return _median(wall), _median(launch)
+    return _median(wall)
 
 
 def _profile_steps(runner) -> tuple[dict[str, float], float, list[str]]:
@@ -76,12 +69,11 @@ def _profile_steps(runner) -> tuple[dict[str, float], float, list[str]]:
     return per_category, launches / NUM_PROFILED_STEPS, top
 
 
-def _report(wall: float, launch: float, per_category: dict[str, float], num_kernels: float,
+def _report(wall: float, per_category: dict[str, float], num_kernels: float,
             top: list[str]) -> str:
     gpu = sum(per_category.values())
-    lines = [f"step {wall:.2f} ms (median of {NUM_TIMED_STEPS}): host until the graph is queued "
-             f"{launch:.2f} ms; kernels {gpu:.2f} ms per step ({num_kernels:.0f} kernels); "
-             f"GPU idle ~{max(0.0, wall - gpu):.2f} ms per step",
+    lines = [f"step {wall:.2f} ms (median of {NUM_TIMED_STEPS}); kernels {gpu:.2f} ms per step "
+             f"({num_kernels:.0f} kernels); GPU idle ~{max(0.0, wall - gpu):.2f} ms per step",
              "kernel time per step by category:"]
     for category, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {category:<40} {ms:7.3f} ms")
@@ -101,8 +93,7 @@ def profile_rank(cfg, rank: int, prompt_len: int) -> str | None:
     for _ in range(10):
         runner.step()
     try:
-        wall, launch = _time_steps(runner)
-        report = _report(wall, launch, *_profile_steps(runner))
+        report = _report(_time_steps(runner), *_profile_steps(runner))
     finally:
         runner.shutdown()
     if not runner.plan.is_driver:

@@ -15,8 +15,8 @@ BLOCK_T = 2  # tokens per program: many programs, as each does its fp32 dot on C
 
 
 @triton.jit
-def _moe_router_kernel(x_ptr, w_ptr, weights_ptr, ids_ptr, num_tokens, hidden_size, num_experts,
-                       x_stride, w_stride, scaling,
+def _moe_router_kernel(x_ptr, w_ptr, weights_ptr, ids_ptr, num_tokens, num_experts,
+                       x_stride, w_stride, scaling, HIDDEN_SIZE: tl.constexpr,
                        TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
                        RENORMALIZE: tl.constexpr, BLOCK_TOP_K: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -25,8 +25,8 @@ def _moe_router_kernel(x_ptr, w_ptr, weights_ptr, ids_ptr, num_tokens, hidden_si
     token_mask, expert_mask = tokens < num_tokens, experts < num_experts
     ks = tl.arange(0, BLOCK_K)
     logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for k_start in range(0, hidden_size, BLOCK_K):
-        k_mask = k_start + ks < hidden_size
+    for k_start in range(0, HIDDEN_SIZE, BLOCK_K):
+        k_mask = k_start + ks < HIDDEN_SIZE
         x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * x_stride + k_start + ks[None, :],
                     mask=token_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         w = tl.load(w_ptr + experts[:, None] * w_stride + k_start + ks[None, :],
@@ -89,8 +89,8 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
     if num_tokens:
         block_e = max(16, triton.next_power_of_2(num_experts))
         _moe_router_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
-            x, gate_weight, weights, ids, num_tokens, hidden_size, num_experts, x.stride(0),
-            gate_weight.stride(0), scaling, TOP_K=top_k,
+            x, gate_weight, weights, ids, num_tokens, num_experts, x.stride(0),
+            gate_weight.stride(0), scaling, HIDDEN_SIZE=hidden_size, TOP_K=top_k,
             NUM_GROUPS=num_groups if num_groups > 1 else 1,
             TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
             BLOCK_TOP_K=triton.next_power_of_2(top_k),

@@ -158,7 +158,8 @@ def build_runner(cfg: DictConfig, **objects) -> Runner:
     runner = Runner(model, plan.wrap_attention(attention), block_table, plan, graph, num_blocks,
                     max_model_len, cfg.scheduler.max_num_seqs,
                     cfg.scheduler.max_num_batched_tokens or max_model_len, device, kv_dtype,
-                    eos_token_ids(loader.path, loader.hf_config()), tokenizer)
+                    eos_token_ids(loader.path, loader.hf_config()), tokenizer,
+                    cfg.scheduler.async_scheduling)
     runner.loader = loader
     if loader.load_format == "safetensors":
         runner.weights_source = loader.path

@@ -101,6 +101,7 @@ class VerifyTaskConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64  # requests decoded together
     max_num_batched_tokens: Optional[int] = None  # tokens in one prefill step; null: max_model_len
+    async_scheduling: bool = True  # launch greedy decode step N+1 before reading step N's tokens
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from runner.async_decode import AsyncDecode, InflightStep, settled_tokens
 from runner.errors import RequestError, RunnerError
 from runner.forward_context import ForwardContext
 from runner.kv_cache import BlockAllocator, allocate_kv_caches
@@ -23,7 +24,7 @@ class Runner:
     def __init__(self, model, attention, block_table, plan, graph, num_blocks: int,
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  device: torch.device, kv_dtype: torch.dtype, eos_token_ids: Sequence[int] = (),
-                 tokenizer=None):
+                 tokenizer=None, async_scheduling: bool = True):
         self.model = model
         self.attention = attention
         self.block_table = block_table
@@ -46,6 +47,8 @@ class Runner:
                                             block_table.max_local_len(max_model_len), device)
         self.requests: dict[int, Request] = {}
         self._next_req_id = 0
+        self.async_decode = AsyncDecode(max_num_seqs, device) if async_scheduling else None
+        self._inflight: InflightStep | None = None  # a launched decode step not yet read
         self.graph.capture(self._decode_step, self.decode_buffers)
 
     @property
@@ -89,27 +92,44 @@ class Runner:
         return self.requests[req_id].finish_reason is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._inflight is not None or self.scheduler.has_unfinished()
 
     def output(self, req_id: int) -> RequestOutput:
+        """The request's tokens so far (without a token still in flight), or its result."""
         r = self.requests[req_id]
-        text = self.tokenizer.decode(r.output_token_ids) if self.tokenizer else None
-        return RequestOutput(r.req_id, r.prompt_token_ids, list(r.output_token_ids),
-                             r.finish_reason or "length", r.error, text)
+        tokens = settled_tokens(r.output_token_ids)
+        text = self.tokenizer.decode(tokens) if self.tokenizer else None
+        return RequestOutput(r.req_id, r.prompt_token_ids, tokens, r.finish_reason or "length",
+                             r.error, text)
 
     # --- one step ---------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        """Schedule and run one batch; return the token each scheduled request got."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        tokens, logprobs = self.sample(batch, self.run_forward(batch))
-        return [self.append_token(r, t, lp)
-                for r, t, lp in zip(batch.requests, tokens, logprobs)]
+        """Run one batch; return the token each of its requests got. With async scheduling a
+        greedy decode step is read only after the next decode step has been launched."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
+            logits = self.run_forward(batch)
+            if self.async_decode is None or not self.async_decode.overlaps(batch):
+                tokens, logprobs = self.sample(batch, logits)
+                return [self.append_token(r, t, lp)
+                        for r, t, lp in zip(batch.requests, tokens, logprobs)]
+            inflight = self._hold(batch, logits)
+        if self._decode_continues():
+            batch = self.scheduler.schedule()
+            sources = self.async_decode.sources(batch, inflight)
+            self._inflight = self._hold(batch, self.run_forward(batch, sources))
+            self.async_decode.num_overlapped += 1
+        self.last_step_was_prefill = False
+        return [self._give_token(request, index, token, logprob)
+                for request, index, token, logprob in self.async_decode.read(inflight)]
 
-    def run_forward(self, batch: ScheduledBatch) -> StepLogits:
+    def run_forward(self, batch: ScheduledBatch, sources: list[int] | None = None) -> StepLogits:
         """The forward of a scheduled batch (decode: one graph replay when captured) -> logits of
-        each request's last token, [R, vocab] fp32, with their greedy summary."""
+        each request's last token, [R, vocab] fp32, with their greedy summary. `sources`: rows of
+        the previous decode step whose sampled tokens this decode step feeds."""
         self.last_step_was_prefill = batch.is_prefill
         if batch.is_prefill:
             inputs = prefill_inputs(batch.requests, self.block_table, self.max_num_blocks,
@@ -118,10 +138,26 @@ class Runner:
             return step_logits(self.model.compute_logits(hidden[inputs.logits_indices]))
         num_reqs = len(batch.requests)
         num_padded = self.graph.padded_size(num_reqs)
-        self.decode_buffers.stage(batch.requests, num_padded)
+        self.decode_buffers.stage(batch.requests, num_padded, sources)
         max_len = (self.decode_buffers.max_local_seq_len if self.graph.uses_static_max_len else
                    self.block_table.max_local_len(max(r.num_tokens for r in batch.requests)))
         return self.graph.replay(self.decode_buffers.inputs(num_padded, max_len)).rows(num_reqs)
+
+    def _hold(self, batch: ScheduledBatch, logits: StepLogits) -> InflightStep:
+        """Hold a launched decode step; requests whose in-flight token is their last leave the
+        batch now (their blocks are free for the next step), finishing when it is read."""
+        step = self.async_decode.hold(batch, logits)
+        for request in batch.requests:
+            if self._length_reached(request, len(request.output_token_ids)):
+                self.scheduler.stop_running(request)
+        return step
+
+    def _decode_continues(self) -> bool:
+        """Whether the next step can be launched before the held one is read: a greedy decode
+        batch with no admission and no preemption to decide."""
+        s = self.scheduler
+        return (bool(s.running) and all(r.params.temperature <= 0 for r in s.running)
+                and not s.can_admit() and s.decode_fits())
 
     def sample(self, batch: ScheduledBatch, logits: StepLogits) -> tuple[list[int], list[float]]:
         """Each request's next token and its log-probability."""
@@ -130,9 +166,13 @@ class Runner:
                       [len(r.output_token_ids) for r in batch.requests])
 
     def _decode_step(self, inputs: StepInputs) -> StepLogits:
-        """What a decode graph holds: staged rows -> inputs -> forward -> logits [padded, V]."""
-        self.decode_buffers.derive(inputs.input_ids.shape[0], self.block_table)
-        return step_logits(self.model.compute_logits(self._forward(inputs)))
+        """What a decode graph holds: staged rows -> inputs -> forward -> logits [padded, V], and
+        the greedy tokens kept on the device for the next step (async scheduling)."""
+        num_padded = inputs.input_ids.shape[0]
+        self.decode_buffers.derive(num_padded, self.block_table)
+        logits = step_logits(self.model.compute_logits(self._forward(inputs)))
+        self.decode_buffers.sampled_ids[:num_padded].copy_(logits.greedy[:, 0])
+        return logits
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         ctx = ForwardContext(inputs.meta, self.kv_caches, self.attention)
@@ -143,15 +183,25 @@ class Runner:
         """Give `request` its next token; finish it on EOS or at its length limit."""
         request.output_token_ids.append(token)
         request.logprobs.append(logprob)
+        return self._give_token(request, len(request.output_token_ids) - 1, token, logprob)
+
+    def _give_token(self, request: Request, index: int, token: int, logprob: float) -> TokenEvent:
+        """Set output `index` of `request`; on EOS drop anything after it (a held placeholder)."""
+        request.output_token_ids[index] = token
+        request.logprobs[index] = logprob
         reason = None
         if token in self.eos_token_ids and not request.params.ignore_eos:
             reason = "stop"
-        elif (len(request.output_token_ids) >= request.params.max_tokens
-              or request.num_tokens >= self.max_model_len):
+            del request.output_token_ids[index + 1:], request.logprobs[index + 1:]
+        elif self._length_reached(request, index + 1):
             reason = "length"
         if reason:
             self.scheduler.finish(request, reason)
         return TokenEvent(request.req_id, token, reason is not None, reason)
+
+    def _length_reached(self, request: Request, num_outputs: int) -> bool:
+        return (num_outputs >= request.params.max_tokens
+                or len(request.prompt_token_ids) + num_outputs >= self.max_model_len)
 
     def shutdown(self) -> None:
         """Free captured graphs before the process groups go (a clean NCCL teardown)."""

@@ -59,6 +59,17 @@ class Scheduler:
         need = cdiv(self.max_tokens_of(request), self.virtual_block_size)
         return need <= self.allocator.num_blocks
 
+    def can_admit(self) -> bool:
+        """Whether `schedule()` would start a prefill now."""
+        return bool(self.waiting) and len(self.running) < self.max_num_seqs and (
+            cdiv(self.waiting[0].num_tokens, self.virtual_block_size) <= self.allocator.num_free)
+
+    def decode_fits(self) -> bool:
+        """Whether every running request gets room for one more token without a preemption."""
+        need = sum(max(0, cdiv(r.num_tokens, self.virtual_block_size) - len(r.block_ids))
+                   for r in self.running)
+        return need <= self.allocator.num_free
+
     def schedule(self) -> ScheduledBatch | None:
         prefill = self._admit()
         if prefill:
@@ -119,10 +130,14 @@ class Scheduler:
         self.log.num_preemptions += 1
         self.log.events.append(f"preempt {request.req_id} at {request.num_tokens} tokens")
 
-    def finish(self, request: Request, reason: str) -> None:
-        request.status = Status.FINISHED
-        request.finish_reason = reason
+    def stop_running(self, request: Request) -> None:
+        """Take a request out of the batch and free its blocks (its last token is in flight)."""
         if request in self.running:
             self.running.remove(request)
         self.allocator.free(request.block_ids)
         request.block_ids = []
+
+    def finish(self, request: Request, reason: str) -> None:
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        self.stop_running(request)

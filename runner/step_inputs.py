@@ -55,7 +55,9 @@ class DecodeBuffers:
 
     A step is `stage` (host: token, length and block rows into pinned memory, two copies to the
     device) then `derive` (device: ids, positions, slots and rank-local lengths from the staged
-    rows), which runs inside the decode graph so that a replay needs no other launch."""
+    rows), which runs inside the decode graph so that a replay needs no other launch. A row
+    whose token is still on the device (async scheduling) names its source: the row of the
+    previous decode step, whose sampled token that step's graph left in `sampled_ids`."""
 
     def __init__(self, max_num_reqs: int, max_num_blocks: int, max_local_seq_len: int,
                  device: torch.device):
@@ -71,19 +73,22 @@ class DecodeBuffers:
                                        device=device)  # [Rmax, max_blocks]
         self.query_start_loc = torch.arange(max_num_reqs + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(max_num_reqs, dtype=torch.int64, device=device)
+        self.sampled_ids = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)  # [Rmax]
         # host staging (numpy views of pinned memory on a GPU): filled in Python, copied at once
         pin = device.type == "cuda"
-        self._pinned_rows = torch.zeros(3, max_num_reqs, dtype=torch.int64, pin_memory=pin)
+        self._pinned_rows = torch.zeros(4, max_num_reqs, dtype=torch.int64, pin_memory=pin)
         self._pinned_table = torch.zeros(max_num_reqs, max_num_blocks, dtype=torch.int32,
                                          pin_memory=pin)
-        self._host_rows = self._pinned_rows.numpy()  # [3, Rmax]: token id, length, row index
+        self._host_rows = self._pinned_rows.numpy()  # [4, Rmax]: token, length, row, source row
         self._host_table = self._pinned_table.numpy()  # [Rmax, max_blocks]
         self._table_keys: list[tuple | None] = [None] * max_num_reqs  # what each row holds
-        self._staged_rows = torch.zeros(3, max_num_reqs, dtype=torch.int64, device=device)
+        self._staged_rows = torch.zeros(4, max_num_reqs, dtype=torch.int64, device=device)
 
-    def stage(self, requests: list[Request], num_padded: int) -> None:
+    def stage(self, requests: list[Request], num_padded: int,
+              sources: list[int] | None = None) -> None:
         """Rows [0, num_padded): real requests first, then padding rows (token 0, length 0,
-        row -1), with two host-to-device copies. A block-table row is rewritten only when its
+        row -1), with two host-to-device copies. `sources`: each request's row in the previous
+        decode step, whose sampled token it feeds (its own last token is a placeholder). A block-table row is rewritten only when its
         request or block count changed (a running request's blocks only grow, until it is
         preempted); entries past a row's own blocks are never read."""
         n = len(requests)
@@ -91,8 +96,9 @@ class DecodeBuffers:
         rows[0, :n] = [r.last_token_id for r in requests]
         rows[1, :n] = [r.num_tokens for r in requests]
         rows[2, :n] = range(n)
+        rows[3, :n] = -1 if sources is None else sources
         rows[0:2, n:num_padded] = 0
-        rows[2, n:num_padded] = -1
+        rows[2:4, n:num_padded] = -1
         for i, r in enumerate(requests):
             key = (r.req_id, r.num_preemptions, len(r.block_ids))
             if self._table_keys[i] != key:
@@ -104,14 +110,16 @@ class DecodeBuffers:
     def stage_padding(self, num_padded: int) -> None:
         """Rows [0, num_padded) as padding (graph capture): slot -1, length 0."""
         self._host_rows[0:2, :num_padded] = 0
-        self._host_rows[2, :num_padded] = -1
+        self._host_rows[2:4, :num_padded] = -1
         self._staged_rows.copy_(self._pinned_rows)
         self.block_table[:num_padded] = 0
 
     def derive(self, num_padded: int, block_table) -> None:
         """Device side of a step (captured with it): every per-row input from the staged rows."""
         staged = self._staged_rows[:, :num_padded]
-        self.input_ids[:num_padded] = staged[0]
+        source = staged[3]
+        self.input_ids[:num_padded] = torch.where(
+            source >= 0, self.sampled_ids[source.clamp(min=0)], staged[0])
         self.seq_lens[:num_padded] = staged[1]
         self.positions[:num_padded] = (staged[1] - 1).clamp(min=0)
         self.req_indices[:num_padded] = staged[2]

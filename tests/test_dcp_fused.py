@@ -24,8 +24,9 @@ from runner.parallel.plan import ParallelPlan
 from runner.request import SamplingParams
 
 BLOCK_SIZE = 4
+# synchronous steps: the collectives recorded per step() call are those of one forward
 BASE = ["device=cpu", "print_config=false", f"block_table.block_size={BLOCK_SIZE}",
-        "model.max_model_len=96"]
+        "model.max_model_len=96", "scheduler.async_scheduling=false"]
 FUSED = ["parallel.dcp_comm=fused"]
 # name -> overrides, by world size; "-tp1" layouts run on rank 0 only
 LAYOUTS = {

@@ -24,7 +24,8 @@ NUM_BLOCKS = 40
 MAX_MODEL_LEN = 64
 BASE = ["device=cpu", "print_config=false", f"block_table.block_size={BLOCK_SIZE}",
         f"block_table.num_blocks={NUM_BLOCKS}", f"model.max_model_len={MAX_MODEL_LEN}",
-        "scheduler.max_num_batched_tokens=1024"]  # every prompt of a test in one prefill
+        "scheduler.max_num_batched_tokens=1024",  # every prompt of a test in one prefill
+        "scheduler.async_scheduling=false"]  # each step() call = one forward, read at once
 LAYOUTS = {  # world size 4 for all; the dcp=1 layouts are the references
     "tiny-dcp1": ["model=tiny", "parallel.tp=4"],
     "tiny-dcp2": ["model=tiny", "parallel.tp=4", "parallel.dcp=2", "parallel.dcp_comm=ag_rs"],
