@@ -5,7 +5,8 @@
     (Hydra overrides after the options; batch = scheduler.max_num_seqs, default 128)
 
 Rank 0 prints: the median decode step, kernel time per step and the GPU idle rest, then
-torch.profiler's kernel time per step by category (collectives = NCCL kernels: the per-step collective time) and its top kernels.
+torch.profiler's kernel time per step by category (collectives = NCCL kernels: the per-step
+collective time) and its top kernels.
 """
 from __future__ import annotations
 

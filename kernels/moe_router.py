@@ -1,6 +1,6 @@
-"""DeepSeek MoE routing in one kernel: fp32 router logits, softmax, optional group-limited
-selection, top-k, then renormalisation or the routed scaling factor. Replaces six launches per
-MoE layer of a decode step (two casts, an fp32 GEMM, softmax, top-k, a scale).
+"""DeepSeek MoE routing: fp32 router logits (cuBLAS), then one kernel for the softmax, the
+optional group-limited selection, top-k, and renormalisation or the routed scaling factor
+(replacing softmax, top-k and scale launches per MoE layer of a decode step).
 
 The rule (DeepSeek-V2's): scores = softmax(x @ W.T) in fp32; group-limited: only experts of the
 `topk_group` groups with the highest best score compete; the K best scores are the weights,
@@ -11,28 +11,20 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_T = 2  # tokens per program: many programs, as each does its fp32 dot on CUDA cores
+BLOCK_T = 16  # tokens per program
 
 
 @triton.jit
-def _moe_router_kernel(x_ptr, w_ptr, weights_ptr, ids_ptr, num_tokens, num_experts,
-                       x_stride, w_stride, scaling, HIDDEN_SIZE: tl.constexpr,
-                       TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                       RENORMALIZE: tl.constexpr, BLOCK_TOP_K: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _moe_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, logits_stride,
+                     scaling, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr,
+                     TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr,
+                     BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
     token_mask, expert_mask = tokens < num_tokens, experts < num_experts
-    ks = tl.arange(0, BLOCK_K)
-    logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for k_start in range(0, HIDDEN_SIZE, BLOCK_K):
-        k_mask = k_start + ks < HIDDEN_SIZE
-        x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * x_stride + k_start + ks[None, :],
-                    mask=token_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + experts[:, None] * w_stride + k_start + ks[None, :],
-                    mask=expert_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        logits += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BT, BE], fp32 FMAs
-    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * logits_stride + experts[None, :],
+                     mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
+    logits = tl.where(expert_mask[None, :], logits, float("-inf"))  # [BT, BE]
     exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     scores = exp / tl.sum(exp, axis=1)[:, None]  # [BT, BE]; 0 for padding experts
     if NUM_GROUPS > 1:
@@ -74,7 +66,7 @@ def _moe_router_kernel(x_ptr, w_ptr, weights_ptr, ids_ptr, num_tokens, num_exper
 def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups: int,
               topk_group: int, renormalize: bool, scaling: float
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H], gate_weight [E, H] (any float dtype, read as fp32) -> (topk_weights [T, K]
+    """x [T, H], gate_weight [E, H] (any float dtype, used in fp32) -> (topk_weights [T, K]
     fp32, topk_ids [T, K] int64). num_groups <= 1: plain greedy top-k."""
     num_tokens, hidden_size = x.shape
     num_experts = gate_weight.shape[0]
@@ -87,15 +79,13 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
     if num_tokens:
-        block_e = max(16, triton.next_power_of_2(num_experts))
-        _moe_router_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
-            x, gate_weight, weights, ids, num_tokens, num_experts, x.stride(0),
-            gate_weight.stride(0), scaling, HIDDEN_SIZE=hidden_size, TOP_K=top_k,
-            NUM_GROUPS=num_groups if num_groups > 1 else 1,
+        logits = torch.nn.functional.linear(x.float(), gate_weight.float())  # [T, E]
+        _moe_topk_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
+            logits, weights, ids, num_tokens, num_experts, logits.stride(0), scaling,
+            TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
             TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
-            BLOCK_TOP_K=triton.next_power_of_2(top_k),
-            BLOCK_T=BLOCK_T, BLOCK_E=block_e, BLOCK_K=max(16, min(64, 4096 // block_e)),
-            num_warps=4)
+            BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T,
+            BLOCK_E=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
     return weights, ids
 
 
