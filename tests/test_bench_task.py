@@ -155,3 +155,18 @@ def test_bench_json_is_strict_json_with_vllm_inf(runs):
     _, path = runs["default"]
     metrics = json.loads(path.read_text(), parse_constant=_refuse_constant)
     assert metrics["request_rate"] == "inf"
+
+
+def test_floor_batch_is_what_the_kv_cache_holds():
+    """The bandwidth floor is computed for the requests that can be in flight at once: a KV
+    cache of 128 tokens holds 4 requests of 16 + 16 tokens, whatever max_num_seqs says."""
+    from runner import build_runner, compose_config
+    from runner.tasks.bench import BenchTask
+
+    runner = build_runner(compose_config(["device=cpu", "block_table.num_blocks=8",
+                                          "block_table.block_size=16",
+                                          "model.max_model_len=128", "scheduler.max_num_seqs=64"]))
+    task = BenchTask(num_prompts=10, input_len=16, output_len=16)
+    assert task._context(runner)["floor_batch"] == 4
+    assert BenchTask(num_prompts=3, input_len=16, output_len=16)._context(runner)[
+        "floor_batch"] == 3

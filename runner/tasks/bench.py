@@ -117,8 +117,9 @@ class BenchTask:
         return runner.plan.tp.broadcast_object(due)
 
     def _context(self, runner) -> dict:
+        fits = max(1, runner.kv_capacity_tokens // (self.input_len + self.output_len))
         batch = min(self.num_prompts, runner.scheduler.max_num_seqs,
-                    self.max_concurrency or self.num_prompts)
+                    self.max_concurrency or self.num_prompts, fits)  # in flight at most
         floor = decode_floor_ms(runner, batch, self.input_len + self.output_len / 2)
         return {"device": runner.device.type,
                 "graph_replay_fraction": getattr(runner.graph, "replay_fraction", 0.0),
