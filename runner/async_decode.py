@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from runner.request import Request
-from runner.sampler import StepLogits
+from runner.sampler import StepLogits, greedy_tokens
 from runner.scheduler import ScheduledBatch
 
 PLACEHOLDER = -1  # an output token whose value is still on the device
@@ -82,8 +82,7 @@ class AsyncDecode:
         still owed a token (rows of requests that stopped at an earlier EOS are dropped)."""
         if step.ready is not None:
             step.ready.synchronize()
-        tokens = step.greedy[:, 0].long().tolist()
-        logprobs = (step.greedy[:, 1] - step.greedy[:, 2]).tolist()
+        tokens, logprobs = greedy_tokens(step.greedy)
         owed = []
         for request, index, token, logprob in zip(step.batch.requests, step.output_indices,
                                                   tokens, logprobs):

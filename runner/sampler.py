@@ -57,13 +57,17 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs / probs.sum()
 
 
+def greedy_tokens(greedy: torch.Tensor) -> tuple[list[int], list[float]]:
+    """A greedy summary on the host [R, 3] -> (argmax token per row, its log-probability)."""
+    return greedy[:, 0].long().tolist(), (greedy[:, 1] - greedy[:, 2]).tolist()
+
+
 def sample(step: StepLogits, params: list[SamplingParams], request_keys: list[int],
            output_indices: list[int]) -> tuple[list[int], list[float]]:
     """-> (token per row, its log-probability under the unfiltered model).
     One device-to-host transfer for greedy rows; sampled rows bring their logits to the host."""
     host = step.greedy.cpu()  # [R, 3]
-    tokens = host[:, 0].long().tolist()
-    logprobs = (host[:, 1] - host[:, 2]).tolist()
+    tokens, logprobs = greedy_tokens(host)
     for row, p in enumerate(params):
         if p.temperature <= 0:
             continue
