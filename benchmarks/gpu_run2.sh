@@ -4,6 +4,7 @@
 # Usage:  bash benchmarks/gpu_run2.sh [PART...]
 #   tests     GPU-marked tests, float32 tiny verify on TP2+DCP2 (ag_rs, fused)
 #   kernels   MLA decode kernel bench
+#   tune      MoE tile sweep at the TP2 width (I=704), batches 64..256 (paste into fused_moe.py)
 #   profiles  step profiles: seed batch 128 on TP1 and DCP2 (fused); 4096-token contexts on TP2
 #             (batch 64) and DCP2 (batch 128)
 #   teacher   teacher-forced bf16 logits of TP1 / TP2 / DCP2 (each comm mode), compared
@@ -23,6 +24,8 @@ tests)
   step tiny_fp32_dcp2_fused 150 python3 cli.py task=verify model.dtype=float32 parallel.dcp=2 parallel.dcp_comm=fused $Q ;;
 kernels)
   step mla_decode_bench 120 python3 benchmarks/mla_decode_bench.py --out $OUT/mla.json ;;
+tune)
+  step moe_tune_704 400 python3 benchmarks/moe_bench.py --tune --intermediate-sizes 704 --batches 64 128 256 --out $OUT/moe_tune.json ;;
 profiles)
   CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
   step profile_dcp2_fused 150 python3 benchmarks/step_profile.py parallel.dcp=2
