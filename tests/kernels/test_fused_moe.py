@@ -144,6 +144,17 @@ def test_gpu_configs_fit_the_tensor_cores(monkeypatch):
                 assert tiles.block_k & (tiles.block_k - 1) == 0
 
 
+def test_gate_up_tiles_divide_the_intermediate_size(monkeypatch):
+    """No half-empty last column tile: 704 (TP2 width) gets BLOCK_N 64 where 1408 gets 128."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for num_tokens in (1, 8, 64, 128, 256, 4096):
+        wide = moe_config(num_tokens, 64, 2048, 1408, torch.bfloat16)
+        narrow = moe_config(num_tokens, 64, 2048, 704, torch.bfloat16)
+        assert 1408 % wide.gate_up.block_n == 0 and 704 % narrow.gate_up.block_n == 0
+        assert narrow.gate_up.block_n == min(wide.gate_up.block_n, 64)
+        assert narrow.down == wide.down
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda c: (c[0][:, :8], *c[1:]), "w13 must be"),
     (lambda c: (c[0], c[1], c[2][:, :, :8], *c[3:]), "w2 must be"),
