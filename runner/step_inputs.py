@@ -88,9 +88,10 @@ class DecodeBuffers:
               sources: list[int] | None = None) -> None:
         """Rows [0, num_padded): real requests first, then padding rows (token 0, length 0,
         row -1), with two host-to-device copies. `sources`: each request's row in the previous
-        decode step, whose sampled token it feeds (its own last token is a placeholder). A block-table row is rewritten only when its
-        request or block count changed (a running request's blocks only grow, until it is
-        preempted); entries past a row's own blocks are never read."""
+        decode step, whose sampled token it feeds (its own last token is a placeholder).
+        A block-table row is rewritten only when its request or block count changed (a running
+        request's blocks only grow, until it is preempted); entries past a row's own blocks
+        are never read."""
         n = len(requests)
         rows = self._host_rows
         rows[0, :n] = [r.last_token_id for r in requests]
