@@ -2,12 +2,12 @@
 N+1 is scheduled, staged and launched before step N's tokens are read on the host, so the
 host's bookkeeping overlaps the GPU's work instead of leaving the GPU idle between steps.
 
-How: a launched greedy decode step is *held*. Each of its requests gets a placeholder token
-(so lengths, block reservations and length limits already count it) and the step's greedy
-summary starts its copy to pinned host memory. Step N+1 feeds its rows' tokens from the
-device (`DecodeBuffers.sampled_ids`, written by step N's graph). Reading step N then fills the
-placeholders; a request that hit EOS at N has its later placeholder dropped (the one wasted row
-of step N+1 is never emitted). Only decode-only continuations overlap: a batch with sampled
+How: a launched greedy decode step is *held*: the step's greedy summary starts its copy to
+pinned host memory and each of its requests counts one token in flight (`num_inflight`, so
+lengths, block reservations and length limits already count it). Step N+1 feeds its rows'
+tokens from the device (`DecodeBuffers.sampled_ids`, written by step N's graph). Reading step N
+appends its tokens; a request that hit EOS at N is finished, and its row of step N+1 (the one
+wasted row) is never read. Only decode-only continuations overlap: a batch with sampled
 (temperature > 0) requests, a possible admission or a possible preemption reads step N first.
 """
 from __future__ import annotations
@@ -20,23 +20,11 @@ from runner.request import Request
 from runner.sampler import StepLogits, greedy_tokens
 from runner.scheduler import ScheduledBatch
 
-PLACEHOLDER = -1  # an output token whose value is still on the device
-
-
-def settled_tokens(output_token_ids: list[int]) -> list[int]:
-    """The outputs without the placeholders at their end (tokens still on the device)."""
-    num_settled = len(output_token_ids)
-    while num_settled and output_token_ids[num_settled - 1] == PLACEHOLDER:
-        num_settled -= 1
-    return output_token_ids[:num_settled]
-
-
 @dataclass
 class InflightStep:
     """A launched decode step whose tokens have not been read yet."""
 
     batch: ScheduledBatch
-    output_indices: list[int]  # where each request's token goes in its output_token_ids
     greedy: torch.Tensor  # [R, 3] fp64 host copy (pinned on a GPU): token, its logit, lse
     ready: torch.cuda.Event | None  # recorded after the copy (None on CPU: already done)
 
@@ -55,7 +43,7 @@ class AsyncDecode:
         return not batch.is_prefill and all(r.params.temperature <= 0 for r in batch.requests)
 
     def hold(self, batch: ScheduledBatch, logits: StepLogits) -> InflightStep:
-        """Start the copy of the step's greedy summary and give each request a placeholder."""
+        """Start the copy of the step's greedy summary; count a token in flight per request."""
         host = self._host[self._next_buffer, :len(batch.requests)]
         self._next_buffer ^= 1
         host.copy_(logits.greedy, non_blocking=self.on_gpu)
@@ -63,12 +51,9 @@ class AsyncDecode:
         if self.on_gpu:
             ready = torch.cuda.Event()
             ready.record()
-        indices = []
         for request in batch.requests:
-            indices.append(len(request.output_token_ids))
-            request.output_token_ids.append(PLACEHOLDER)
-            request.logprobs.append(0.0)
-        return InflightStep(batch, indices, host, ready)
+            request.num_inflight += 1
+        return InflightStep(batch, host, ready)
 
     @staticmethod
     def sources(batch: ScheduledBatch, previous: InflightStep) -> list[int]:
@@ -77,15 +62,15 @@ class AsyncDecode:
         return [row_of[r.req_id] for r in batch.requests]
 
     @staticmethod
-    def read(step: InflightStep) -> list[tuple[Request, int, int, float]]:
-        """Wait for the step's tokens: (request, output index, token, logprob) for every row
-        still owed a token (rows of requests that stopped at an earlier EOS are dropped)."""
+    def read(step: InflightStep) -> list[tuple[Request, int, float]]:
+        """Wait for the step's tokens: (request, token, logprob) for every row still owed one
+        (a request that stopped at EOS in the step before gets nothing)."""
         if step.ready is not None:
             step.ready.synchronize()
         tokens, logprobs = greedy_tokens(step.greedy)
         owed = []
-        for request, index, token, logprob in zip(step.batch.requests, step.output_indices,
-                                                  tokens, logprobs):
-            if index < len(request.output_token_ids):  # else: cut at an earlier EOS
-                owed.append((request, index, token, logprob))
+        for request, token, logprob in zip(step.batch.requests, tokens, logprobs):
+            request.num_inflight -= 1
+            if request.finish_reason is None:
+                owed.append((request, token, logprob))
         return owed

@@ -34,6 +34,7 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     sample_key: int = 0  # keys the request's random draws (a stable hash of its prompt)
+    num_inflight: int = 0  # tokens launched on the device, not read yet (async scheduling)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -41,12 +42,13 @@ class Request:
 
     @property
     def last_token_id(self) -> int:
-        """The token the next decode step feeds (no copy of the token lists)."""
+        """The last token read on the host (no copy of the token lists)."""
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Tokens the cache holds or will hold after the steps in flight."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from runner.async_decode import AsyncDecode, InflightStep, settled_tokens
+from runner.async_decode import AsyncDecode, InflightStep
 from runner.errors import RequestError, RunnerError
 from runner.forward_context import ForwardContext
 from runner.kv_cache import BlockAllocator, allocate_kv_caches
@@ -95,12 +95,11 @@ class Runner:
         return self._inflight is not None or self.scheduler.has_unfinished()
 
     def output(self, req_id: int) -> RequestOutput:
-        """The request's tokens so far (without a token still in flight), or its result."""
+        """The request's tokens read so far, or its result."""
         r = self.requests[req_id]
-        tokens = settled_tokens(r.output_token_ids)
-        text = self.tokenizer.decode(tokens) if self.tokenizer else None
-        return RequestOutput(r.req_id, r.prompt_token_ids, tokens, r.finish_reason or "length",
-                             r.error, text)
+        text = self.tokenizer.decode(r.output_token_ids) if self.tokenizer else None
+        return RequestOutput(r.req_id, r.prompt_token_ids, list(r.output_token_ids),
+                             r.finish_reason or "length", r.error, text)
 
     # --- one step ---------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
@@ -117,14 +116,14 @@ class Runner:
                 return [self.append_token(r, t, lp)
                         for r, t, lp in zip(batch.requests, tokens, logprobs)]
             inflight = self._hold(batch, logits)
-        if self._decode_continues():
-            batch = self.scheduler.schedule()
+        batch = self.scheduler.continue_decode()  # a subset of the held greedy step's requests
+        if batch is not None:
             sources = self.async_decode.sources(batch, inflight)
             self._inflight = self._hold(batch, self.run_forward(batch, sources))
             self.async_decode.num_overlapped += 1
         self.last_step_was_prefill = False
-        return [self._give_token(request, index, token, logprob)
-                for request, index, token, logprob in self.async_decode.read(inflight)]
+        return [self.append_token(request, token, logprob)
+                for request, token, logprob in self.async_decode.read(inflight)]
 
     def run_forward(self, batch: ScheduledBatch, sources: list[int] | None = None) -> StepLogits:
         """The forward of a scheduled batch (decode: one graph replay when captured) -> logits of
@@ -148,16 +147,9 @@ class Runner:
         batch now (their blocks are free for the next step), finishing when it is read."""
         step = self.async_decode.hold(batch, logits)
         for request in batch.requests:
-            if self._length_reached(request, len(request.output_token_ids)):
+            if self._length_reached(request, request.num_tokens - len(request.prompt_token_ids)):
                 self.scheduler.stop_running(request)
         return step
-
-    def _decode_continues(self) -> bool:
-        """Whether the next step can be launched before the held one is read: a greedy decode
-        batch with no admission and no preemption to decide."""
-        s = self.scheduler
-        return (bool(s.running) and all(r.params.temperature <= 0 for r in s.running)
-                and not s.can_admit() and s.decode_fits())
 
     def sample(self, batch: ScheduledBatch, logits: StepLogits) -> tuple[list[int], list[float]]:
         """Each request's next token and its log-probability."""
@@ -183,17 +175,10 @@ class Runner:
         """Give `request` its next token; finish it on EOS or at its length limit."""
         request.output_token_ids.append(token)
         request.logprobs.append(logprob)
-        return self._give_token(request, len(request.output_token_ids) - 1, token, logprob)
-
-    def _give_token(self, request: Request, index: int, token: int, logprob: float) -> TokenEvent:
-        """Set output `index` of `request`; on EOS drop anything after it (a held placeholder)."""
-        request.output_token_ids[index] = token
-        request.logprobs[index] = logprob
         reason = None
         if token in self.eos_token_ids and not request.params.ignore_eos:
             reason = "stop"
-            del request.output_token_ids[index + 1:], request.logprobs[index + 1:]
-        elif self._length_reached(request, index + 1):
+        elif self._length_reached(request, len(request.output_token_ids)):
             reason = "length"
         if reason:
             self.scheduler.finish(request, reason)

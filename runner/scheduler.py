@@ -59,17 +59,6 @@ class Scheduler:
         need = cdiv(self.max_tokens_of(request), self.virtual_block_size)
         return need <= self.allocator.num_blocks
 
-    def can_admit(self) -> bool:
-        """Whether `schedule()` would start a prefill now."""
-        return bool(self.waiting) and len(self.running) < self.max_num_seqs and (
-            cdiv(self.waiting[0].num_tokens, self.virtual_block_size) <= self.allocator.num_free)
-
-    def decode_fits(self) -> bool:
-        """Whether every running request gets room for one more token without a preemption."""
-        need = sum(max(0, cdiv(r.num_tokens, self.virtual_block_size) - len(r.block_ids))
-                   for r in self.running)
-        return need <= self.allocator.num_free
-
     def schedule(self) -> ScheduledBatch | None:
         prefill = self._admit()
         if prefill:
@@ -80,19 +69,40 @@ class Scheduler:
         self.log.num_decode_steps += 1
         return ScheduledBatch(False, list(self.running))
 
+    def continue_decode(self) -> ScheduledBatch | None:
+        """The running requests' next decode step if it needs no admission and no preemption
+        (async scheduling launches it before the current step is read), else None."""
+        if not self.running or self._can_admit():
+            return None
+        needs = [self._blocks_needed(r) for r in self.running]
+        if sum(needs) > self.allocator.num_free:
+            return None
+        for request, need in zip(self.running, needs):
+            if need:
+                request.block_ids.extend(self.allocator.allocate(need))
+        self.log.num_decode_steps += 1
+        return ScheduledBatch(False, list(self.running))
+
+    def _can_admit(self) -> bool:
+        """Whether the next waiting request can start now."""
+        return bool(self.waiting) and len(self.running) < self.max_num_seqs and (
+            cdiv(self.waiting[0].num_tokens, self.virtual_block_size) <= self.allocator.num_free)
+
+    def _blocks_needed(self, request: Request) -> int:
+        """New blocks a running request needs to hold all its tokens."""
+        return max(0, cdiv(request.num_tokens, self.virtual_block_size) - len(request.block_ids))
+
     def _admit(self) -> list[Request]:
         batch: list[Request] = []
         num_tokens = 0
         was_running = bool(self.running)
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self._can_admit():
             request = self.waiting[0]
             if num_tokens + request.num_tokens > self.max_num_batched_tokens and batch:
                 break
-            block_ids = self.allocator.allocate(cdiv(request.num_tokens, self.virtual_block_size))
-            if block_ids is None:
-                break
             self.waiting.popleft()
-            request.block_ids = block_ids
+            request.block_ids = self.allocator.allocate(
+                cdiv(request.num_tokens, self.virtual_block_size))
             request.status = Status.RUNNING
             self.running.append(request)
             batch.append(request)
@@ -109,8 +119,8 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             request = self.running[i]
-            need = cdiv(request.num_tokens, self.virtual_block_size) - len(request.block_ids)
-            if need <= 0:
+            need = self._blocks_needed(request)
+            if need == 0:
                 i += 1
                 continue
             new_ids = self.allocator.allocate(need)
