@@ -17,7 +17,9 @@ from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from runner.models.layers.linear import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
                                          Shard)
-from runner.models.layers.moe import DeepseekMoE, GatedMLP
+from runner.models.layers.decoder_layer import DecoderLayer
+from runner.models.layers.mlp import GatedMLP
+from runner.models.layers.moe import DeepseekMoE
 from runner.models.layers.norm import RMSNorm
 from runner.models.layers.yarn_rope import (DeepseekRotaryEmbedding, apply_rotary,
                                             mla_softmax_scale)
@@ -116,34 +118,21 @@ class MLAAttention(nn.Module):
         return self.o_proj(out.view(num_tokens, num_heads * self.v_dim))
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, config, plan: ParallelPlan, layer_idx: int):
-        super().__init__()
-        self.self_attn = MLAAttention(config, plan, layer_idx)
-        if layer_idx >= config.first_k_dense_replace:
-            self.mlp = DeepseekMoE(config, plan.tp, plan.ep)
-        else:
-            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, plan.tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this layer's input, the residual stream before it) -> (mlp output, residual):
-        the residual adds are fused into the norms."""
-        if residual is None:
-            h, residual = self.input_layernorm(hidden), hidden
-        else:
-            h, residual = self.input_layernorm(hidden, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual)
-        return self.mlp(h), residual
+def _decoder_layer(config, plan: ParallelPlan, layer_idx: int) -> DecoderLayer:
+    """MLA attention; a dense MLP for the first `first_k_dense_replace` layers, then MoE."""
+    if layer_idx >= config.first_k_dense_replace:
+        mlp = DeepseekMoE(config, plan.tp, plan.ep)
+    else:
+        mlp = GatedMLP(config.hidden_size, config.intermediate_size, plan.tp)
+    return DecoderLayer(MLAAttention(config, plan, layer_idx), mlp, config.hidden_size,
+                        config.rms_norm_eps)
 
 
 class DeepseekV2Model(nn.Module):
     def __init__(self, config, plan: ParallelPlan):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, plan.tp)
-        self.layers = nn.ModuleList(DecoderLayer(config, plan, i)
+        self.layers = nn.ModuleList(_decoder_layer(config, plan, i)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

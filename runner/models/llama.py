@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from runner.models.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, _copy_into
+from runner.models.layers.linear import RowParallelLinear, Shard, _copy_into
+from runner.models.layers.decoder_layer import DecoderLayer
+from runner.models.layers.mlp import GatedMLP
 from runner.models.layers.norm import RMSNorm
 from runner.models.layers.rope import RotaryEmbedding, apply_rope
 from runner.parallel.plan import HeadShard, ParallelPlan
@@ -167,47 +168,17 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, d: LlamaDims, tp: GroupHandle):
-        super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(
-            d.hidden_size, [d.intermediate_size, d.intermediate_size], tp, bias=d.mlp_bias)
-        self.down_proj = RowParallelLinear(d.intermediate_size, d.hidden_size, tp,
-                                           bias=d.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I/tp] each
-        return self.down_proj(F.silu(gate) * up)
-
-
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, d: LlamaDims, plan: ParallelPlan, layer_index: int, eps: float):
-        super().__init__()
-        self.input_layernorm = RMSNorm(d.hidden_size, eps)
-        self.self_attn = LlamaAttention(d, plan, layer_index)
-        self.post_attention_layernorm = RMSNorm(d.hidden_size, eps)
-        self.mlp = LlamaMLP(d, plan.tp)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this layer's input x, the residual stream before it) -> (mlp output, residual):
-        the residual adds are fused into the norms."""
-        if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual)
-        return self.mlp(h), residual
-
-
 class LlamaModel(nn.Module):
     def __init__(self, config, d: LlamaDims, plan: ParallelPlan):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(d.vocab_size, d.hidden_size, plan.tp)
         self.rotary_emb = RotaryEmbedding(config.rope_parameters, d.head_dim,
                                           config.max_position_embeddings)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(d, plan, i, config.rms_norm_eps)
-                                    for i in range(d.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(LlamaAttention(d, plan, i),
+                         GatedMLP(d.hidden_size, d.intermediate_size, plan.tp, bias=d.mlp_bias),
+                         d.hidden_size, config.rms_norm_eps)
+            for i in range(d.num_layers))
         self.norm = RMSNorm(d.hidden_size, config.rms_norm_eps)
 
 

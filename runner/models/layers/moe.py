@@ -11,30 +11,13 @@ from kernels.fused_moe import fused_moe_triton
 from kernels.moe_router import moe_route, moe_route_ref
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
-from runner.models.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from runner.models.layers.linear import ReplicatedLinear
+from runner.models.layers.mlp import GatedMLP
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 # Decode-sized batches use the Triton fused MoE on a GPU (graph-safe, streams expert weights);
 # larger (prefill) batches use torch._grouped_mm, whose cost is amortised over many tokens.
 MAX_TRITON_MOE_TOKENS = 1024
-
-
-class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), gate/up column-parallel (one fused weight), down row-parallel.
-    A dense layer's MLP, or the shared experts (`reduce=False`: the MoE does the one all-reduce)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, group: GroupHandle,
-                 reduce: bool = True):
-        super().__init__()
-        if intermediate_size % group.size:
-            raise RunnerError(f"MLP intermediate size {intermediate_size} must be divisible by "
-                              f"parallel.tp={group.size}")
-        self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, group)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group, reduce=reduce)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
 
 
 def _can_use_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
