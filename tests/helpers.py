@@ -115,6 +115,12 @@ def reference_model(path: str) -> torch.nn.Module:
                                                 attn_implementation="eager").eval()
 
 
+def reference_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
+    """transformers' logits [L, V] float32 of one token sequence."""
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].float()
+
+
 def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int,
                      eos_token_id: int | list[int] | None = None) -> list[int]:
     """transformers' generate(do_sample=False) for one prompt: the new tokens (EOS included

@@ -23,7 +23,7 @@ from runner.models.deepseek_v2 import DeepseekV2ForCausalLM, checkpoint_shapes
 from runner.models.layers.moe import DeepseekMoE, fused_moe
 from runner.models.layers.yarn_rope import DeepseekRotaryEmbedding, mla_softmax_scale
 from runner.parallel.plan import ParallelPlan
-from helpers import PagedBatch, randomize_parameters
+from helpers import PagedBatch, randomize_parameters, reference_logits
 
 PROMPT_LENGTHS = [1, 16, 40, 203]  # decode at 16 opens a new block
 YARN = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
@@ -64,11 +64,6 @@ def _load(config, weights: dict, plan: ParallelPlan | None = None) -> DeepseekV2
     return model
 
 
-def _hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([token_ids])).logits[0].float()  # [L, V]
-
-
 def _prefill_then_decode(model, prompts: list[list[int]], next_ids: list[int]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of a batched prefill [T, V], then of one decode step per request [R, V]."""
@@ -90,8 +85,8 @@ def _prompts_and_next(vocab_size: int) -> tuple[list[list[int]], list[int]]:
 
 
 def _expected(hf_model, prompts, next_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    prefill = torch.cat([_hf_logits(hf_model, p) for p in prompts])
-    decode = torch.stack([_hf_logits(hf_model, p + [t])[-1] for p, t in zip(prompts, next_ids)])
+    prefill = torch.cat([reference_logits(hf_model, p) for p in prompts])
+    decode = torch.stack([reference_logits(hf_model, p + [t])[-1] for p, t in zip(prompts, next_ids)])
     return prefill, decode
 
 

@@ -17,7 +17,7 @@ from runner.errors import RunnerError
 from runner.models.layers.rope import RotaryEmbedding, rope_inv_freq
 from runner.models.llama import LlamaForCausalLM, checkpoint_shapes
 from runner.parallel.plan import ParallelPlan
-from helpers import PagedBatch, randomize_parameters
+from helpers import PagedBatch, randomize_parameters, reference_logits
 
 PROMPT_LENGTHS = [1, 7, 40, 203]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
@@ -60,11 +60,6 @@ def _load(config, weights: dict, plan: ParallelPlan | None = None) -> LlamaForCa
     return model
 
 
-def _hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([token_ids])).logits[0].float()  # [L, V]
-
-
 def _prompts(vocab_size: int) -> list[list[int]]:
     return [torch.randint(vocab_size, (n,)).tolist() for n in PROMPT_LENGTHS]
 
@@ -88,7 +83,7 @@ def test_prefill_logits_match_transformers(checkpoint):
     prompts = _prompts(config.vocab_size)
     logits = _prefill(model, PagedBatch(model, PROMPT_LENGTHS), prompts)  # [T, V]
     assert logits.dtype == torch.float32
-    expected = torch.cat([_hf_logits(hf_model, p) for p in prompts])
+    expected = torch.cat([reference_logits(hf_model, p) for p in prompts])
     assert logits.shape == expected.shape
     assert (logits - expected).abs().max().item() <= 1e-4
 
@@ -105,7 +100,7 @@ def test_decode_step_matches_transformers(checkpoint):
     assert not ctx.attn_meta.is_prefill
     with torch.no_grad():
         logits = model.compute_logits(model(next_ids, positions, ctx))  # [R, V]
-    expected = torch.stack([_hf_logits(hf_model, p + [t])[-1]
+    expected = torch.stack([reference_logits(hf_model, p + [t])[-1]
                             for p, t in zip(prompts, next_ids.tolist())])
     assert (logits - expected).abs().max().item() <= 1e-4
 
