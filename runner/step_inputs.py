@@ -88,7 +88,7 @@ class DecodeBuffers:
               sources: list[int] | None = None) -> None:
         """Rows [0, num_padded): real requests first, then padding rows (token 0, length 0,
         row -1), with two host-to-device copies. `sources`: each request's row in the previous
-        decode step, whose sampled token it feeds (its own last token is a placeholder).
+        decode step, whose sampled token it feeds (that token is still in flight).
         A block-table row is rewritten only when its request or block count changed (a running
         request's blocks only grow, until it is preempted); entries past a row's own blocks
         are never read."""

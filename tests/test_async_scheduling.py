@@ -41,7 +41,7 @@ def _compare(jobs, *overrides, eos=None, arrivals=()):
     assert got_events == expected_events
     for s, a in zip(sync_out, async_out):
         assert s.token_ids == a.token_ids
-    for req_id in async_runner.requests:  # every logprob filled in (no placeholder left)
+    for req_id in async_runner.requests:  # every token and logprob read back
         r, ref = async_runner.requests[req_id], sync_runner.requests[req_id]
         assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
         assert -1 not in r.output_token_ids
