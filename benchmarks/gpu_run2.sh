@@ -7,6 +7,7 @@
 #   tune      MoE tile sweep at the TP2 width (I=704), batches 64..256 (paste into fused_moe.py)
 #   profiles  step profiles: seed batch 128 on TP1 and DCP2 (fused); 4096-token contexts on TP2
 #             (batch 64) and DCP2 (batch 128)
+#   profile1  the TP1 step profile only
 #   teacher   teacher-forced bf16 logits of TP1 / TP2 / DCP2 (each comm mode), compared
 #   seed      the seed workload on TP1, TP2 and DCP2 (each comm mode)
 #   seed1     the seed workload on TP1 only, plus batch 1
@@ -26,6 +27,9 @@ kernels)
   step mla_decode_bench 120 python3 benchmarks/mla_decode_bench.py --out $OUT/mla.json ;;
 tune)
   step moe_tune_704 400 python3 benchmarks/moe_bench.py --tune --intermediate-sizes 704 --batches 64 128 256 --out $OUT/moe_tune.json ;;
+profile1)
+  CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
+  grep -A40 '^step' $OUT/profile_tp1.log ;;
 profiles)
   CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
   step profile_dcp2_fused 150 python3 benchmarks/step_profile.py parallel.dcp=2

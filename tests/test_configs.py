@@ -145,17 +145,18 @@ def test_dsv2lite_shapes_on_meta():
     assert params["model.embed_tokens.weight"] == (102400, 2048)
     assert params["lm_head.weight"] == (102400, 2048)
     attn = "model.layers.0.self_attn."
-    assert params[attn + "q_proj.weight"] == (16 * (128 + 64), 2048)
-    assert params[attn + "kv_a_proj_with_mqa.weight"] == (512 + 64, 2048)
+    # q_proj (16 heads of 128 + 64), then kv_a_proj_with_mqa (512 + 64): one GEMM
+    assert params[attn + "fused_qkv_a_proj.weight"] == (16 * (128 + 64) + 512 + 64, 2048)
     assert params[attn + "kv_b_proj.weight"] == (16 * (128 + 128), 512)
     assert params[attn + "o_proj.weight"] == (2048, 16 * 128)
     assert params["model.layers.0.mlp.down_proj.weight"] == (2048, 10944)  # layer 0 is dense
     assert not any(n.startswith("model.layers.0.mlp.experts") for n in params)
     assert params["model.layers.26.mlp.gate.weight"] == (64, 2048)
-    assert params["model.layers.26.mlp.shared_experts.down_proj.weight"] == (2048, 2 * 1408)
-    routed = sum(p.numel() for n, p in model.named_parameters()
-                 if n.startswith("model.layers.1.mlp.experts."))
-    assert routed == 64 * 3 * 1408 * 2048  # gate, up, down of 64 experts of width 1408
+    # the shared experts (width 2 * 1408) are two more slots after the 64 routed experts
+    assert params["model.layers.26.mlp.experts.w2"] == (64 + 2, 2048, 1408)
+    experts = sum(p.numel() for n, p in model.named_parameters()
+                  if n.startswith("model.layers.1.mlp.experts."))
+    assert experts == (64 + 2) * 3 * 1408 * 2048  # gate, up, down of each slot of width 1408
     assert model.kv_cache_spec().head_size == 512 + 64  # one latent + rope key per token
     # DeepSeek's YaRN softmax scale: qk_head_dim**-0.5 * (0.1 * mscale_all_dim * ln(factor) + 1)**2
     yarn_mscale = 0.1 * 0.707 * math.log(40.0) + 1.0

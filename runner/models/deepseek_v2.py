@@ -2,7 +2,8 @@
 
 MLA caches one latent per token (kv_lora_rank normed dims + qk_rope_head_dim roped dims). Prefill
 expands it to per-head K/V; decode folds W_UK into the query and W_UV after attention (absorbed
-form), both read as views of kv_b_proj's weight.
+form), both read as views of kv_b_proj's weight. The query projection (q_proj, or q_a_proj with
+q_lora_rank) and kv_a_proj_with_mqa, which read the same input, are one GEMM (`fused_qkv_a_proj`).
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ from torch import nn
 from runner.errors import RunnerError
 from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from runner.models.layers.linear import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
-                                         Shard)
+from runner.models.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard
 from runner.models.layers.decoder_layer import DecoderLayer
 from runner.models.layers.mlp import GatedMLP
 from runner.models.layers.moe import DeepseekMoE
@@ -27,7 +27,9 @@ from runner.parallel.plan import ParallelPlan
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: the reference ignores rms_norm_eps here
 _EXPERT_KEY = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
-_GATE_UP_KEY = re.compile(r"(.+\.(?:mlp|shared_experts))\.(gate|up)_proj\.weight")
+_SHARED_KEY = re.compile(r"(.+\.mlp)\.shared_experts\.(gate|up|down)_proj\.weight")
+_GATE_UP_KEY = re.compile(r"(.+\.mlp)\.(gate|up)_proj\.weight")
+_QKV_A_KEY = re.compile(r"(.+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.(weight|bias)")
 
 
 def _check_supported(config) -> None:
@@ -55,14 +57,19 @@ class MLAAttention(nn.Module):
         q_out = c.num_attention_heads * qk_head_dim
         bias = c.attention_bias
         self.q_lora_rank = c.q_lora_rank
-        if c.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(c.hidden_size, [q_out], plan.tp, shard=shard)
-        else:
-            self.q_a_proj = ReplicatedLinear(c.hidden_size, c.q_lora_rank, bias=bias)
+        kv_a_size = c.kv_lora_rank + self.rope_dim
+        if c.q_lora_rank is None:  # [q of this rank's heads; kv_a], q_proj has no bias
+            self.q_a_size = q_out // shard.count
+            self.fused_qkv_a_proj = ColumnParallelLinear(
+                c.hidden_size, [q_out, kv_a_size], plan.tp, bias=bias, shard=shard,
+                replicated_outputs=(1,))
+        else:  # [q_a; kv_a], both replicated
+            self.q_a_size = c.q_lora_rank
+            self.fused_qkv_a_proj = ColumnParallelLinear(
+                c.hidden_size, [c.q_lora_rank, kv_a_size], plan.tp, bias=bias,
+                replicated_outputs=(0, 1))
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, [q_out], plan.tp, shard=shard)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(c.hidden_size, c.kv_lora_rank + self.rope_dim,
-                                                   bias=bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear(
             c.kv_lora_rank, [c.num_attention_heads * (self.nope_dim + self.v_dim)], plan.tp,
@@ -82,14 +89,12 @@ class MLAAttention(nn.Module):
         """Roped parts and projections are written straight into the buffers the cache write
         and the attention read (no concatenation copies in a decode step)."""
         num_tokens, num_heads = hidden.shape[0], self.num_local_heads
-        if self.q_lora_rank is None:
-            q = self.q_proj(hidden)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        q, latent, k_pe = self.fused_qkv_a_proj(hidden).split(
+            [self.q_a_size, self.kv_lora_rank, self.rope_dim], dim=-1)  # views of one GEMM
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(num_tokens, num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, r]
-        latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope_dim],
-                                                             dim=-1)
         kv = hidden.new_empty(num_tokens, 1, self.kv_lora_rank + self.rope_dim)  # the cache row
         self.kv_a_layernorm(latent, out=kv[:, 0, :self.kv_lora_rank])
         apply_rotary(k_pe.unsqueeze(1), cos, sin, out=kv[:, :, self.kv_lora_rank:])
@@ -199,6 +204,11 @@ class DeepseekV2ForCausalLM(nn.Module):
             experts = self.get_submodule(match[1])
             if experts.is_local(int(match[2])):
                 experts.load_expert(int(match[2]), match[3], tensor)
+        elif match := _SHARED_KEY.fullmatch(name):
+            self.get_submodule(match[1] + ".experts").load_shared(match[2], tensor)
+        elif match := _QKV_A_KEY.fullmatch(name):
+            param = params[f"{match[1]}.fused_qkv_a_proj.{match[3]}"]
+            param.weight_loader(param, tensor, 1 if match[2] == "kv_a_proj_with_mqa" else 0)
         elif match := _GATE_UP_KEY.fullmatch(name):
             param = params[f"{match[1]}.gate_up_proj.weight"]
             param.weight_loader(param, tensor, 0 if match[2] == "gate" else 1)

@@ -68,21 +68,28 @@ class ColumnParallelLinear(nn.Module):
 
     `output_sizes` lists the sizes of fused sub-matrices (e.g. gate and up); each is split on
     its own so that a rank's shard holds its slice of each, loaded with `shard_id` = index.
+    Sub-matrices listed in `replicated_outputs` are held whole on every rank (e.g. MLA's latent
+    projection fused after q's head shard: one GEMM). The bias starts at zero, so that a
+    sub-matrix without a checkpoint bias adds nothing.
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], group: GroupHandle,
-                 bias: bool = False, shard: Shard | None = None):
+                 bias: bool = False, shard: Shard | None = None,
+                 replicated_outputs: tuple[int, ...] = ()):
         super().__init__()
         self.shard = shard or Shard.of_group(group)
-        for size in output_sizes:
-            if size % self.shard.count:
+        self.replicated_outputs = replicated_outputs
+        for i, size in enumerate(output_sizes):
+            if i not in replicated_outputs and size % self.shard.count:
                 raise ValueError(f"output size {size} is not divisible into {self.shard.count} "
                                  f"parts")
         self.group = group
-        self.local_sizes = [size // self.shard.count for size in output_sizes]
+        self.local_sizes = [size if i in replicated_outputs else size // self.shard.count
+                            for i, size in enumerate(output_sizes)]
         self.weight = _new_param(sum(self.local_sizes), in_features)  # [out/tp, in]
         self.weight.weight_loader = self._load
-        self.bias = _new_param(sum(self.local_sizes)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(sum(self.local_sizes)),
+                                 requires_grad=False) if bias else None
         if bias:
             self.bias.weight_loader = self._load
 
@@ -93,8 +100,9 @@ class ColumnParallelLinear(nn.Module):
             shard_id = 0
         size = self.local_sizes[shard_id]
         start = sum(self.local_sizes[:shard_id])
-        rows = full.narrow(0, self.shard.index * size, size)
-        _copy_into(param.data.narrow(0, start, size), rows)
+        if shard_id not in self.replicated_outputs:
+            full = full.narrow(0, self.shard.index * size, size)
+        _copy_into(param.data.narrow(0, start, size), full)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

@@ -1,6 +1,6 @@
 """DeepSeek mixture of experts: softmax router (greedy or group-limited top-k), routed experts
-split by intermediate size (TP) or by whole experts (EP), shared experts; each rank sums its
-partial routed + shared output and ONE all-reduce over tp combines them."""
+split by intermediate size (TP) or by whole experts (EP), shared experts computed as always-chosen
+slots of the same fused launch; ONE all-reduce over tp combines the ranks' partial sums."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +12,6 @@ from kernels.moe_router import moe_route, moe_route_ref
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ReplicatedLinear
-from runner.models.layers.mlp import GatedMLP
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 # Decode-sized batches use the Triton fused MoE on a GPU (graph-safe, streams expert weights);
@@ -75,16 +74,27 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
 
 
 class FusedExperts(nn.Module):
-    """This rank's routed experts: w13 [E_local, 2*I_local, H], w2 [E_local, H, I_local].
-    TP: every expert, a 1/tp slice of I. EP: experts [r*E/tp, (r+1)*E/tp), whole."""
+    """This rank's routed experts, then its shared-expert slots: w13 [E_local + S, 2*I_local, H],
+    w2 [E_local + S, H, I_local]. TP: every expert, a 1/tp slice of I. EP: experts
+    [r*E/tp, (r+1)*E/tp), whole.
+
+    The shared experts (one MLP of width n_shared * I, split over tp like any column-parallel
+    MLP) are cut into S slots of width I_local, each an always-chosen expert of weight 1: one
+    fused MoE launch computes routed and shared parts (the sum over slots is the MLP, as
+    silu(gate) * up is per column). The last slot is zero-padded when I_local does not divide
+    the rank's shared width (EP only)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 group: GroupHandle, expert_parallel: bool):
+                 group: GroupHandle, expert_parallel: bool, shared_intermediate_size: int = 0):
         super().__init__()
         split_what, split_size = ("n_routed_experts", num_experts) if expert_parallel else (
             "moe_intermediate_size", intermediate_size)
         if split_size % group.size:
             raise RunnerError(f"{split_what}={split_size} must be divisible by parallel.tp="
+                              f"{group.size}")
+        if shared_intermediate_size % group.size:
+            raise RunnerError(f"n_shared_experts * moe_intermediate_size="
+                              f"{shared_intermediate_size} must be divisible by parallel.tp="
                               f"{group.size}")
         self.num_experts = num_experts
         self.num_local_experts = num_experts // group.size if expert_parallel else num_experts
@@ -93,41 +103,61 @@ class FusedExperts(nn.Module):
             intermediate_size // group.size)
         self.intermediate_start = 0 if expert_parallel else group.rank * self.local_intermediate
         local_i = self.local_intermediate
-        self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * local_i, hidden_size),
+        self.local_shared_intermediate = shared_intermediate_size // group.size
+        self.shared_start = group.rank * self.local_shared_intermediate
+        self.num_shared_slots = -(-self.local_shared_intermediate // local_i)
+        num_slots = self.num_local_experts + self.num_shared_slots
+        self.w13 = nn.Parameter(torch.empty(num_slots, 2 * local_i, hidden_size),
                                 requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, local_i),
-                               requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_slots, hidden_size, local_i), requires_grad=False)
+        if self.num_shared_slots * local_i != self.local_shared_intermediate:
+            self.w13.data[self.num_local_experts:].zero_()  # padding columns contribute 0
+            self.w2.data[self.num_local_experts:].zero_()
 
     def is_local(self, expert_id: int) -> bool:
         return 0 <= expert_id - self.expert_start < self.num_local_experts
 
-    def load_expert(self, expert_id: int, proj: str, full: torch.Tensor) -> None:
-        """Copy this rank's part of checkpoint tensor `proj` ("gate", "up" or "down") of a local
-        expert: gate/up [I, H] -> rows of w13, down [H, I] -> w2."""
-        local = expert_id - self.expert_start
-        start, size = self.intermediate_start, self.local_intermediate
-        if proj == "down":
-            self.w2.data[local].copy_(full.narrow(1, start, size))
-        else:
-            rows = self.w13.data[local].narrow(0, 0 if proj == "gate" else size, size)
+    def _load_slot(self, slot: int, proj: str, full: torch.Tensor, start: int, size: int,
+                   first_column: int = 0) -> None:
+        """Columns [start, start + size) of I in checkpoint tensor `proj` ("gate", "up" or
+        "down") -> columns [first_column, first_column + size) of slot `slot`."""
+        if proj == "down":  # [H, I]
+            self.w2.data[slot].narrow(1, first_column, size).copy_(full.narrow(1, start, size))
+        else:  # [I, H]: gate rows, then up rows
+            offset = 0 if proj == "gate" else self.local_intermediate
+            rows = self.w13.data[slot].narrow(0, offset + first_column, size)
             rows.copy_(full.narrow(0, start, size))
+
+    def load_expert(self, expert_id: int, proj: str, full: torch.Tensor) -> None:
+        """This rank's part of a local routed expert's checkpoint tensor `proj`."""
+        self._load_slot(expert_id - self.expert_start, proj, full, self.intermediate_start,
+                        self.local_intermediate)
+
+    def load_shared(self, proj: str, full: torch.Tensor) -> None:
+        """This rank's columns of the shared experts' checkpoint tensor `proj`, cut into slots."""
+        for slot in range(self.num_shared_slots):
+            first = slot * self.local_intermediate
+            size = min(self.local_intermediate, self.local_shared_intermediate - first)
+            self._load_slot(self.num_local_experts + slot, proj, full, self.shared_start + first,
+                            size)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
-        """Partial sum over this rank's experts (or slices); topk_ids are global expert ids."""
+        """Partial sum over this rank's experts (or slices) and shared slots. topk_ids [T, K + S]:
+        K global routed ids, then the S shared slots' local ids (E_local + s)."""
         local_ids = topk_ids
         if self.num_local_experts != self.num_experts:  # EP: other ranks' experts become -1
-            local_ids = topk_ids - self.expert_start
-            local_ids = local_ids.masked_fill(
-                (local_ids < 0) | (local_ids >= self.num_local_experts), -1)
+            routed = topk_ids[:, :topk_ids.shape[1] - self.num_shared_slots] - self.expert_start
+            routed = routed.masked_fill((routed < 0) | (routed >= self.num_local_experts), -1)
+            local_ids = torch.cat((routed, topk_ids[:, routed.shape[1]:]), dim=1)
         if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS:
             return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights)
         return fused_moe(x, self.w13, self.w2, local_ids, topk_weights)
 
 
 class DeepseekMoE(nn.Module):
-    """Router (`gate`, replicated, computed in fp32; kernels/moe_router.py has the rule), routed
-    `experts`, `shared_experts`."""
+    """Router (`gate`, replicated, computed in fp32; kernels/moe_router.py has the rule) and
+    `experts`: the routed experts and the shared experts' slots."""
 
     def __init__(self, config, group: GroupHandle, expert_parallel: bool):
         super().__init__()
@@ -140,21 +170,17 @@ class DeepseekMoE(nn.Module):
         self.config = config
         self.group = group
         self.gate = ReplicatedLinear(config.hidden_size, config.n_routed_experts)
-        self.experts = FusedExperts(config.n_routed_experts, config.hidden_size,
-                                    config.moe_intermediate_size, group, expert_parallel)
-        self.shared_experts = GatedMLP(
-            config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, group,
-            reduce=False) if config.n_shared_experts else None
+        self.experts = FusedExperts(
+            config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, group,
+            expert_parallel, config.moe_intermediate_size * (config.n_shared_experts or 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H], summed over ranks."""
         c = self.config
         route = moe_route if x.is_cuda else moe_route_ref  # the same rule; fp32 logits
         num_groups = c.n_group if c.topk_method == "group_limited_greedy" else 1
-        topk_weights, topk_ids = route(x, self.gate.weight, c.num_experts_per_tok, num_groups,
-                                       c.topk_group, bool(c.norm_topk_prob),
-                                       c.routed_scaling_factor)  # [T, K] each
-        out = self.experts(x, topk_ids, topk_weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return self.group.all_reduce(out)
+        topk_weights, topk_ids = route(
+            x, self.gate.weight, c.num_experts_per_tok, num_groups, c.topk_group,
+            bool(c.norm_topk_prob), c.routed_scaling_factor, self.experts.num_shared_slots,
+            self.experts.num_local_experts)  # [T, K + S] each
+        return self.group.all_reduce(self.experts(x, topk_ids, topk_weights))
