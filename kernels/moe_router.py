@@ -4,10 +4,7 @@ optional group-limited selection, top-k, and renormalisation or the routed scali
 
 The rule (DeepSeek-V2's): scores = softmax(x @ W.T) in fp32; group-limited: only experts of the
 `topk_group` groups with the highest best score compete; the K best scores are the weights,
-renormalised to sum 1 with `renormalize` (and K > 1), else multiplied by `scaling`.
-
-Shared experts ride along as `num_shared` extra columns (ids `shared_first_id + s`, weight 1), so
-that one fused MoE launch computes routed and shared experts together."""
+renormalised to sum 1 with `renormalize` (and K > 1), else multiplied by `scaling`."""
 from __future__ import annotations
 
 import torch
@@ -19,8 +16,7 @@ BLOCK_T = 16  # tokens per program
 
 @triton.jit
 def _moe_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, logits_stride,
-                     scaling, shared_first_id, TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr,
-                     NUM_GROUPS: tl.constexpr,
+                     scaling, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr,
                      TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr,
                      BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -61,16 +57,10 @@ def _moe_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, 
         top_weights = top_weights / (tl.sum(top_weights, axis=1)[:, None] + 1e-20)
     else:
         top_weights = top_weights * scaling
-    row_size = TOP_K + NUM_SHARED
-    offsets = tokens[:, None] * row_size + slots[None, :]
+    offsets = tokens[:, None] * TOP_K + slots[None, :]
     mask = token_mask[:, None] & (slots[None, :] < TOP_K)
     tl.store(weights_ptr + offsets, top_weights, mask=mask)
     tl.store(ids_ptr + offsets, top_ids, mask=mask)
-    for s in tl.static_range(NUM_SHARED):
-        shared = tokens * row_size + TOP_K + s
-        tl.store(weights_ptr + shared, tl.full([BLOCK_T], 1.0, tl.float32), mask=token_mask)
-        tl.store(ids_ptr + shared, tl.full([BLOCK_T], s, tl.int64) + shared_first_id,
-                 mask=token_mask)
 
 
 def _router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
@@ -81,21 +71,11 @@ def _router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x.float(), gate_weight.float())
 
 
-def _append_shared(weights: torch.Tensor, ids: torch.Tensor, num_shared: int,
-                   shared_first_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not num_shared:
-        return weights, ids
-    shared_ids = torch.arange(shared_first_id, shared_first_id + num_shared, device=ids.device)
-    return (torch.cat((weights, weights.new_ones(weights.shape[0], num_shared)), dim=1),
-            torch.cat((ids, shared_ids.expand(ids.shape[0], -1)), dim=1))
-
-
 def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups: int,
-              topk_group: int, renormalize: bool, scaling: float, num_shared: int = 0,
-              shared_first_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H], gate_weight [E, H] (used in fp32) -> (topk_weights [T, K + S] fp32, topk_ids
-    [T, K + S] int64): the K routed choices, then S = num_shared columns of ids
-    shared_first_id + s with weight 1. num_groups <= 1: plain greedy top-k."""
+              topk_group: int, renormalize: bool, scaling: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H], gate_weight [E, H] (any float dtype, used in fp32) -> (topk_weights [T, K]
+    fp32, topk_ids [T, K] int64). num_groups <= 1: plain greedy top-k."""
     num_tokens, hidden_size = x.shape
     num_experts = gate_weight.shape[0]
     if x.stride(-1) != 1 or gate_weight.shape[1] != hidden_size or gate_weight.stride(-1) != 1:
@@ -104,14 +84,13 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
     if not 1 <= top_k <= num_experts or (num_groups > 1 and num_experts % num_groups):
         raise ValueError(f"moe_route: top_k={top_k}, num_groups={num_groups} do not fit "
                          f"{num_experts} experts")
-    weights = torch.empty(num_tokens, top_k + num_shared, dtype=torch.float32, device=x.device)
-    ids = torch.empty(num_tokens, top_k + num_shared, dtype=torch.int64, device=x.device)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
     if num_tokens:
         logits = _router_logits(x, gate_weight)  # [T, E]
         _moe_topk_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
             logits, weights, ids, num_tokens, num_experts, logits.stride(0), scaling,
-            shared_first_id, TOP_K=top_k, NUM_SHARED=num_shared,
-            NUM_GROUPS=num_groups if num_groups > 1 else 1,
+            TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
             TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
             BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T,
             BLOCK_E=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
@@ -119,8 +98,8 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
 
 
 def moe_route_ref(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups: int,
-                  topk_group: int, renormalize: bool, scaling: float, num_shared: int = 0,
-                  shared_first_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  topk_group: int, renormalize: bool, scaling: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch `moe_route` (the reference models' order of operations)."""
     scores = torch.nn.functional.linear(x.float(), gate_weight.float()).softmax(dim=-1)  # [T, E]
     if num_groups > 1:
@@ -133,4 +112,4 @@ def moe_route_ref(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_gr
         topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
     else:
         topk_weights = topk_weights * scaling
-    return _append_shared(topk_weights, topk_ids, num_shared, shared_first_id)
+    return topk_weights, topk_ids

@@ -198,11 +198,10 @@ def test_moe_routing_matches_brute_force(norm_topk_prob, topk_method):
 
 
 @pytest.mark.parametrize("expert_parallel,num_shared", [(False, 2), (True, 2), (True, 3)],
-                         ids=["tp", "ep", "ep_padded_slot"])
-def test_shared_slots_on_two_ranks_sum_to_the_experts(expert_parallel, num_shared):
-    """Two ranks' FusedExperts (TP: slices of I; EP: whole experts), routed experts plus the
-    shared MLP cut into slots (EP with 3 shared experts: width 12 per rank in slots of 8, the
-    last one zero-padded), summed over ranks = the routed and shared MLPs in float64."""
+                         ids=["tp", "ep", "ep_3_shared"])
+def test_experts_on_two_ranks_sum_to_routed_and_shared_mlps(expert_parallel, num_shared):
+    """Two ranks' FusedExperts (TP: slices of I; EP: whole experts; the shared MLP split over
+    the ranks either way), summed over ranks = the routed and shared MLPs in float64."""
     torch.manual_seed(6)
     num_experts, hidden, inter, top_k, num_tokens = 4, 16, 8, 2, 5
     experts = [(torch.randn(inter, hidden), torch.randn(inter, hidden),
@@ -229,11 +228,8 @@ def test_shared_slots_on_two_ranks_sum_to_the_experts(expert_parallel, num_share
                     fused.load_expert(e, proj, full)
         for proj, full in zip(("gate", "up", "down"), shared):
             fused.load_shared(proj, full)
-        num_slots = fused.num_shared_slots
-        assert num_slots == (-(-num_shared // 2) if expert_parallel else num_shared)
-        slot_ids = torch.arange(num_slots) + fused.num_local_experts
-        total += fused(x, torch.cat((ids, slot_ids.expand(num_tokens, -1)), dim=1),
-                       torch.cat((weights, torch.ones(num_tokens, num_slots)), dim=1)).double()
+        assert fused.shared_w2.shape == (hidden, num_shared * inter // 2)
+        total += fused(x, ids, weights).double()
     assert (total - expected).abs().max().item() <= 1e-4
 
 
@@ -324,9 +320,9 @@ def test_deepseek_v2_lite_shapes_on_meta_device():
     assert params[layer + "self_attn.kv_b_proj.weight"].shape == (16 * 256, 512)
     assert params[layer + "self_attn.o_proj.weight"].shape == (2048, 16 * 128)
     assert params[layer + "mlp.gate.weight"].shape == (64, 2048)
-    # 64 routed experts, then the shared experts (width 2 * 1408) as 2 slots of width 1408
-    assert params[layer + "mlp.experts.w13"].shape == (64 + 2, 2 * 1408, 2048)
-    assert params[layer + "mlp.experts.w2"].shape == (64 + 2, 2048, 1408)
+    assert params[layer + "mlp.experts.w13"].shape == (64, 2 * 1408, 2048)
+    assert params[layer + "mlp.experts.w2"].shape == (64, 2048, 1408)
+    assert params[layer + "mlp.experts.shared_w13"].shape == (2 * 2816, 2048)
     assert params["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 10944, 2048)
     assert params["lm_head.weight"].shape == (102400, 2048)
     assert model.num_layers == 27

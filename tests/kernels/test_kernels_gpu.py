@@ -119,13 +119,13 @@ def test_paged_decode_gqa(dtype):
 @pytest.mark.parametrize("num_tokens", [1, 8, 128, 256])
 @pytest.mark.parametrize("num_groups,topk_group,renormalize", [(1, 1, False), (8, 3, True)])
 def test_moe_router(num_tokens, num_groups, topk_group, renormalize):
-    """DeepSeek-V2-Lite routing (64 experts, H=2048, top-6, 2 shared slots) and a grouped
-    variant, in bf16 (the kernel's logits: a bf16 GEMM with fp32 output; the reference's: fp32)."""
+    """DeepSeek-V2-Lite routing (64 experts, H=2048, top-6) and a grouped variant, in bf16 (the
+    kernel's logits: a bf16 GEMM with fp32 output; the reference's: an fp32 GEMM)."""
     from kernels.moe_router import moe_route, moe_route_ref
     gen = torch.Generator(device="cuda").manual_seed(num_tokens)
     x = torch.randn(num_tokens, 2048, device="cuda", generator=gen).to(torch.bfloat16)
     weight = (torch.randn(64, 2048, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-    args = (6, num_groups, topk_group, renormalize, 1.0, 2, 64)
+    args = (6, num_groups, topk_group, renormalize, 1.0)
     got_w, got_ids = moe_route(x, weight, *args)
     ref_w, ref_ids = moe_route_ref(x, weight, *args)
     got_order, ref_order = got_ids.argsort(-1), ref_ids.argsort(-1)

@@ -1,6 +1,6 @@
 """DeepSeek mixture of experts: softmax router (greedy or group-limited top-k), routed experts
-split by intermediate size (TP) or by whole experts (EP), shared experts computed as always-chosen
-slots of the same fused launch; ONE all-reduce over tp combines the ranks' partial sums."""
+split by intermediate size (TP) or by whole experts (EP), shared experts (split over tp) computed
+in the same fused MoE call; ONE all-reduce over tp combines the ranks' partial sums."""
 from __future__ import annotations
 
 import torch
@@ -47,8 +47,10 @@ def _grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> tor
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor) -> torch.Tensor:
-    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k].
+              topk_weights: torch.Tensor, shared_w13: torch.Tensor | None = None,
+              shared_w2: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k],
+    plus the shared experts' MLP (shared_w13 [2Is, H], shared_w2 [H, Is]) when given.
 
     x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, K] indexes w13,
     -1 = an expert held elsewhere (skipped); topk_weights [T, K]. Returns [T, H] in x's dtype,
@@ -70,19 +72,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
     pair_weight = topk_weights.reshape(-1)[order].float()[:, None]  # [P, 1]
     pair_out = torch.where(valid[order][:, None], pair_out.float() * pair_weight, 0.0)
     out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    if shared_w13 is not None:
+        gate, up = F.linear(x, shared_w13).chunk(2, dim=-1)  # [T, Is] each
+        out += F.linear(F.silu(gate) * up, shared_w2).float()
     return out.index_add_(0, token_of_pair, pair_out).to(x.dtype)
 
 
 class FusedExperts(nn.Module):
-    """This rank's routed experts, then its shared-expert slots: w13 [E_local + S, 2*I_local, H],
-    w2 [E_local + S, H, I_local]. TP: every expert, a 1/tp slice of I. EP: experts
-    [r*E/tp, (r+1)*E/tp), whole.
-
-    The shared experts (one MLP of width n_shared * I, split over tp like any column-parallel
-    MLP) are cut into S slots of width I_local, each an always-chosen expert of weight 1: one
-    fused MoE launch computes routed and shared parts (the sum over slots is the MLP, as
-    silu(gate) * up is per column). The last slot is zero-padded when I_local does not divide
-    the rank's shared width (EP only)."""
+    """This rank's routed experts, w13 [E_local, 2*I_local, H] and w2 [E_local, H, I_local] (TP:
+    every expert, a 1/tp slice of I; EP: experts [r*E/tp, (r+1)*E/tp), whole), and its slice of
+    the shared experts (one MLP of width Is = n_shared * I, always split over tp like any
+    column-parallel MLP): shared_w13 [2*Is/tp, H], shared_w2 [H, Is/tp]."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  group: GroupHandle, expert_parallel: bool, shared_intermediate_size: int = 0):
@@ -103,61 +103,61 @@ class FusedExperts(nn.Module):
             intermediate_size // group.size)
         self.intermediate_start = 0 if expert_parallel else group.rank * self.local_intermediate
         local_i = self.local_intermediate
-        self.local_shared_intermediate = shared_intermediate_size // group.size
-        self.shared_start = group.rank * self.local_shared_intermediate
-        self.num_shared_slots = -(-self.local_shared_intermediate // local_i)
-        num_slots = self.num_local_experts + self.num_shared_slots
-        self.w13 = nn.Parameter(torch.empty(num_slots, 2 * local_i, hidden_size),
+        self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * local_i, hidden_size),
                                 requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_slots, hidden_size, local_i), requires_grad=False)
-        if self.num_shared_slots * local_i != self.local_shared_intermediate:
-            self.w13.data[self.num_local_experts:].zero_()  # padding columns contribute 0
-            self.w2.data[self.num_local_experts:].zero_()
+        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, local_i),
+                               requires_grad=False)
+        self.local_shared = shared_intermediate_size // group.size
+        self.shared_start = group.rank * self.local_shared
+        self.shared_w13 = self.shared_w2 = None
+        if shared_intermediate_size:
+            self.shared_w13 = nn.Parameter(torch.empty(2 * self.local_shared, hidden_size),
+                                           requires_grad=False)
+            self.shared_w2 = nn.Parameter(torch.empty(hidden_size, self.local_shared),
+                                          requires_grad=False)
 
     def is_local(self, expert_id: int) -> bool:
         return 0 <= expert_id - self.expert_start < self.num_local_experts
 
-    def _load_slot(self, slot: int, proj: str, full: torch.Tensor, start: int, size: int,
-                   first_column: int = 0) -> None:
-        """Columns [start, start + size) of I in checkpoint tensor `proj` ("gate", "up" or
-        "down") -> columns [first_column, first_column + size) of slot `slot`."""
+    @staticmethod
+    def _load_columns(w13: torch.Tensor, w2: torch.Tensor, proj: str, full: torch.Tensor,
+                      start: int) -> None:
+        """Columns [start, start + I) of I in checkpoint tensor `proj` ("gate", "up" or "down")
+        -> w13 [2I, H] (gate rows, then up rows) or w2 [H, I]."""
+        size = w2.shape[1]
         if proj == "down":  # [H, I]
-            self.w2.data[slot].narrow(1, first_column, size).copy_(full.narrow(1, start, size))
-        else:  # [I, H]: gate rows, then up rows
-            offset = 0 if proj == "gate" else self.local_intermediate
-            rows = self.w13.data[slot].narrow(0, offset + first_column, size)
-            rows.copy_(full.narrow(0, start, size))
+            w2.copy_(full.narrow(1, start, size))
+        else:  # [I, H]
+            w13.narrow(0, 0 if proj == "gate" else size, size).copy_(full.narrow(0, start, size))
 
     def load_expert(self, expert_id: int, proj: str, full: torch.Tensor) -> None:
         """This rank's part of a local routed expert's checkpoint tensor `proj`."""
-        self._load_slot(expert_id - self.expert_start, proj, full, self.intermediate_start,
-                        self.local_intermediate)
+        local = expert_id - self.expert_start
+        self._load_columns(self.w13.data[local], self.w2.data[local], proj, full,
+                           self.intermediate_start)
 
     def load_shared(self, proj: str, full: torch.Tensor) -> None:
-        """This rank's columns of the shared experts' checkpoint tensor `proj`, cut into slots."""
-        for slot in range(self.num_shared_slots):
-            first = slot * self.local_intermediate
-            size = min(self.local_intermediate, self.local_shared_intermediate - first)
-            self._load_slot(self.num_local_experts + slot, proj, full, self.shared_start + first,
-                            size)
+        """This rank's columns of the shared experts' checkpoint tensor `proj`."""
+        self._load_columns(self.shared_w13.data, self.shared_w2.data, proj, full,
+                           self.shared_start)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
-        """Partial sum over this rank's experts (or slices) and shared slots. topk_ids [T, K + S]:
-        K global routed ids, then the S shared slots' local ids (E_local + s)."""
+        """Partial sum over this rank's experts (or slices) and its shared slice; topk_ids are
+        global expert ids."""
         local_ids = topk_ids
         if self.num_local_experts != self.num_experts:  # EP: other ranks' experts become -1
-            routed = topk_ids[:, :topk_ids.shape[1] - self.num_shared_slots] - self.expert_start
-            routed = routed.masked_fill((routed < 0) | (routed >= self.num_local_experts), -1)
-            local_ids = torch.cat((routed, topk_ids[:, routed.shape[1]:]), dim=1)
-        if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS:
-            return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights)
-        return fused_moe(x, self.w13, self.w2, local_ids, topk_weights)
+            local_ids = topk_ids - self.expert_start
+            local_ids = local_ids.masked_fill(
+                (local_ids < 0) | (local_ids >= self.num_local_experts), -1)
+        moe = fused_moe_triton if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS else fused_moe
+        return moe(x, self.w13, self.w2, local_ids, topk_weights, shared_w13=self.shared_w13,
+                   shared_w2=self.shared_w2)
 
 
 class DeepseekMoE(nn.Module):
     """Router (`gate`, replicated, computed in fp32; kernels/moe_router.py has the rule) and
-    `experts`: the routed experts and the shared experts' slots."""
+    `experts`: the routed experts and the shared experts."""
 
     def __init__(self, config, group: GroupHandle, expert_parallel: bool):
         super().__init__()
@@ -179,8 +179,7 @@ class DeepseekMoE(nn.Module):
         c = self.config
         route = moe_route if x.is_cuda else moe_route_ref  # the same rule; fp32 logits
         num_groups = c.n_group if c.topk_method == "group_limited_greedy" else 1
-        topk_weights, topk_ids = route(
-            x, self.gate.weight, c.num_experts_per_tok, num_groups, c.topk_group,
-            bool(c.norm_topk_prob), c.routed_scaling_factor, self.experts.num_shared_slots,
-            self.experts.num_local_experts)  # [T, K + S] each
+        topk_weights, topk_ids = route(x, self.gate.weight, c.num_experts_per_tok, num_groups,
+                                       c.topk_group, bool(c.norm_topk_prob),
+                                       c.routed_scaling_factor)  # [T, K] each
         return self.group.all_reduce(self.experts(x, topk_ids, topk_weights))
