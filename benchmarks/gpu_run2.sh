@@ -3,6 +3,7 @@
 # seed long). One-GPU runs use GPU 0. Logs under $OUT, the summary table last.
 # Usage:  bash benchmarks/gpu_run2.sh [PART...]
 #   tests     GPU-marked tests, float32 tiny verify on TP2+DCP2 (ag_rs, fused)
+#   gputests  GPU-marked tests only
 #   kernels   MLA decode kernel bench
 #   tune      MoE tile sweep at the TP2 width (I=704), batches 64..256 (paste into fused_moe.py)
 #   profiles  step profiles: seed batch 128 on TP1 and DCP2 (fused); 4096-token contexts on TP2
@@ -11,6 +12,7 @@
 #   teacher   teacher-forced bf16 logits of TP1 / TP2 / DCP2 (each comm mode), compared
 #   seed      the seed workload on TP1, TP2 and DCP2 (each comm mode)
 #   seed1     the seed workload on TP1 only, plus batch 1
+#   seed2     the seed workload on TP2 and DCP2 (each comm mode)
 #   long      long context where KV capacity binds: TP2 vs DCP2 (LONG_PROMPTS, default 256)
 set -u
 source "$(dirname "$0")/gpu_common.sh"
@@ -23,6 +25,8 @@ tests)
   step gpu_tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider
   step tiny_fp32_dcp2_ag_rs 150 python3 cli.py task=verify model.dtype=float32 parallel.dcp=2 parallel.dcp_comm=ag_rs $Q
   step tiny_fp32_dcp2_fused 150 python3 cli.py task=verify model.dtype=float32 parallel.dcp=2 parallel.dcp_comm=fused $Q ;;
+gputests)
+  step gpu_tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
 kernels)
   step mla_decode_bench 120 python3 benchmarks/mla_decode_bench.py --out $OUT/mla.json ;;
 tune)
@@ -49,10 +53,10 @@ teacher)
 seed1)
   CUDA_VISIBLE_DEVICES=0 step tp1 200 python3 cli.py model=dsv2lite $SEED
   CUDA_VISIBLE_DEVICES=0 step tp1_batch1 200 python3 cli.py model=dsv2lite task=bench task.num_prompts=4 task.input_len=2 task.output_len=256 task.num_warmups=1 task.max_concurrency=1 scheduler.max_num_seqs=1 $Q ;;
-seed)
-  CUDA_VISIBLE_DEVICES=0 step tp1 200 python3 cli.py model=dsv2lite $SEED
+seed|seed2)
+  [ $part = seed ] && CUDA_VISIBLE_DEVICES=0 step tp1 200 python3 cli.py model=dsv2lite $SEED
   step tp2 200 python3 cli.py model=dsv2lite parallel.tp=2 $SEED
-  for comm in ag_rs a2a fused; do
+  for comm in fused ag_rs a2a; do
     step dcp2_$comm 200 python3 cli.py model=dsv2lite parallel.dcp=2 parallel.dcp_comm=$comm $SEED
   done ;;
 long)

@@ -1,7 +1,6 @@
 """Decode MoE layer on one GPU: the Triton fused MoE vs the torch fused_moe (torch._grouped_mm),
-bf16, DeepSeek-V2-Lite shapes (64 routed experts, and 2 shared ones: one MLP of width 2I), seeded
-uniform top-K routing, timed as CUDA graph replays; TB/s counts the expert weights touched
-(shared included). `--tune` sweeps the routed tiles per batch for kernels/fused_moe.py.
+bf16, DeepSeek-V2-Lite shapes, seeded uniform top-K routing, timed as CUDA graph replays; TB/s
+counts the expert weights touched. `--tune` sweeps tiles per batch for kernels/fused_moe.py.
 
     python benchmarks/moe_bench.py [--tune] [--out results.json]
 (the torch path imports runner/, which needs hydra-core: carry the .whl wheels on the GPU image)
@@ -36,28 +35,19 @@ COMPILE_WORKERS = 8
 def make_inputs(num_tokens: int, intermediate_size: int, args: argparse.Namespace,
                 num_layers: int = NUM_LAYERS):
     """x [T, H] bf16, uniform random top-K routing ([T, K] ids and weights), and num_layers
-    weight sets (w13 [E, 2I, H], w2 [E, H, I], shared_w13 [2Is, H], shared_w2 [H, Is]) bf16."""
+    weight pairs (w13 [E, 2I, H], w2 [E, H, I]) bf16."""
     gen = torch.Generator(device="cuda").manual_seed(args.seed + num_tokens)
     hidden, num_experts = args.hidden_size, args.num_experts
     x = torch.randn(num_tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
     scores = torch.rand(num_tokens, num_experts, device="cuda", generator=gen)
     topk_weights, topk_ids = scores.topk(args.top_k, dim=-1)  # K distinct experts per token
     topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-    shared_size = args.num_shared * intermediate_size
     weights = [((torch.randn(num_experts, 2 * intermediate_size, hidden, device="cuda",
                              generator=gen) * hidden ** -0.5).to(torch.bfloat16),
                 (torch.randn(num_experts, hidden, intermediate_size, device="cuda",
-                             generator=gen) * intermediate_size ** -0.5).to(torch.bfloat16),
-                *(((torch.randn(2 * shared_size, hidden, device="cuda", generator=gen)
-                    * hidden ** -0.5).to(torch.bfloat16),
-                   (torch.randn(hidden, shared_size, device="cuda", generator=gen)
-                    * shared_size ** -0.5).to(torch.bfloat16)) if shared_size else ()))
+                             generator=gen) * intermediate_size ** -0.5).to(torch.bfloat16))
                for _ in range(num_layers)]
     return x, topk_ids, topk_weights, weights
-
-
-def _shared_kwargs(shared: list[torch.Tensor]) -> dict:
-    return dict(zip(("shared_w13", "shared_w2"), shared))
 
 
 def time_layer_us(moe, inputs, rep_ms: int = 50, **kwargs) -> float:
@@ -65,8 +55,8 @@ def time_layer_us(moe, inputs, rep_ms: int = 50, **kwargs) -> float:
     x, topk_ids, topk_weights, weights = inputs
 
     def run_layers():
-        for w13, w2, *shared in weights:
-            moe(x, w13, w2, topk_ids, topk_weights, **_shared_kwargs(shared), **kwargs)
+        for w13, w2 in weights:
+            moe(x, w13, w2, topk_ids, topk_weights, **kwargs)
     return do_bench_cudagraph(run_layers, rep=rep_ms, return_mode="median") * 1e3 / len(weights)
 
 
@@ -83,11 +73,10 @@ def _compile(num_tokens: int, intermediate_size: int, args: argparse.Namespace,
              configs: list[MoeConfig]) -> None:
     """Worker: run each config once, so Triton's disk cache holds its kernels."""
     inputs = make_inputs(num_tokens, intermediate_size, args, num_layers=1)
-    x, topk_ids, topk_weights, ((w13, w2, *shared),) = inputs
+    x, topk_ids, topk_weights, ((w13, w2),) = inputs
     for config in configs:
         try:
-            fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config,
-                             **_shared_kwargs(shared))
+            fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config=config)
         except OutOfResources:
             pass
     torch.cuda.synchronize()
@@ -136,12 +125,10 @@ def tune(inputs, base: MoeConfig, num_tokens: int) -> tuple[MoeConfig, float]:
 def measure(num_tokens: int, intermediate_size: int, args: argparse.Namespace) -> dict:
     inputs = make_inputs(num_tokens, intermediate_size, args)
     x, topk_ids, topk_weights, weights = inputs
-    w13, w2, *shared = weights[0]
-    want = fused_moe(x, w13, w2, topk_ids, topk_weights, **_shared_kwargs(shared)).float()
-    got = fused_moe_triton(x, w13, w2, topk_ids, topk_weights,
-                           **_shared_kwargs(shared)).float()
+    want = fused_moe(x, *weights[0], topk_ids, topk_weights).float()
+    got = fused_moe_triton(x, *weights[0], topk_ids, topk_weights).float()
     max_rel_err = ((got - want).abs().max() / want.abs().max()).item()
-    experts_touched = topk_ids.unique().numel() + args.num_shared
+    experts_touched = topk_ids.unique().numel()
     weight_bytes = experts_touched * 3 * args.hidden_size * intermediate_size * 2
     triton_us = time_layer_us(fused_moe_triton, inputs)
     torch_us = time_layer_us(fused_moe, inputs)
@@ -198,8 +185,6 @@ def main() -> None:
     parser.add_argument("--num-experts", type=int, default=64)
     parser.add_argument("--hidden-size", type=int, default=2048)
     parser.add_argument("--top-k", type=int, default=6)
-    parser.add_argument("--num-shared", type=int, default=2,
-                        help="shared experts (one MLP of width num_shared * I); 0: none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tune", action="store_true", help="sweep tiles, print the best")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")

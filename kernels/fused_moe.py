@@ -1,8 +1,7 @@
 """Triton fused MoE for decode: pairs (token, choice) sorted by expert into BLOCK_M-padded segments,
 a grouped GEMM for gate and up (silu(gate) * up), one for down (times the router weight), a
-fixed-order sum over choices. Optional shared experts (one dense MLP that every token takes) run
-through the same two GEMM kernels in dense mode (rows = tokens, larger row tiles, each weight
-read once) and join the sum. Worst-case static buffers: no host sync, CUDA-graph safe."""
+fixed-order sum over choices, to which an optional per-token input (DeepSeek's shared experts'
+output) is added. Worst-case static buffers: no host sync, CUDA-graph safe."""
 from __future__ import annotations
 
 import os
@@ -28,9 +27,6 @@ class MoeConfig:
     block_m: int  # pair rows per program; each expert's segment is padded to a multiple of it
     gate_up: GemmTiles
     down: GemmTiles
-    shared_block_m: int = 16  # token rows per program of the shared experts' dense GEMMs
-    shared_gate_up: GemmTiles = GemmTiles(32, 128, 4, 3)
-    shared_down: GemmTiles = GemmTiles(32, 128, 4, 3)
 
 
 # One H200, E=64, H=2048, I=1408 (TP1) or 704 (TP2), bf16, uniform top-6 routing: (largest
@@ -46,12 +42,7 @@ _H200_CONFIGS = (
     (256, MoeConfig(32, GemmTiles(128, 64, 4, 4), GemmTiles(256, 64, 4, 4))),
 )
 _LARGE_BATCH_CONFIG = MoeConfig(64, GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 4))
-_INTERPRETER_CONFIG = MoeConfig(16, GemmTiles(64, 64, 1, 1), GemmTiles(64, 64, 1, 1), 16,
-                                GemmTiles(32, 32, 1, 1), GemmTiles(32, 32, 1, 1))
-# Shared experts: a dense GEMM over all tokens; narrow column tiles keep >= 128 programs at
-# DeepSeek-V2-Lite's widths (2816 / 1408 per rank), rows up to 64 per program (one weight read
-# for up to 64 tokens). Not swept yet.
-MAX_SHARED_BLOCK_M = 64
+_INTERPRETER_CONFIG = MoeConfig(16, GemmTiles(64, 64, 1, 1), GemmTiles(64, 64, 1, 1))
 
 
 def _interpreting() -> bool:
@@ -72,14 +63,11 @@ def moe_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate
     gate_up = config.gate_up
     while gate_up.block_n > 16 and intermediate_size % gate_up.block_n:
         gate_up = replace(gate_up, block_n=gate_up.block_n // 2)
-    shared_block_m = min(MAX_SHARED_BLOCK_M, max(16, triton.next_power_of_2(num_tokens)))
-    config = replace(config, gate_up=gate_up, shared_block_m=shared_block_m)
+    config = replace(config, gate_up=gate_up)
     if dtype == torch.float32:
-        half_k = [GemmTiles(t.block_n, max(32, t.block_k // 2), t.num_warps, t.num_stages)
-                  for t in (config.gate_up, config.down, config.shared_gate_up,
-                            config.shared_down)]
-        config = replace(config, gate_up=half_k[0], down=half_k[1], shared_gate_up=half_k[2],
-                         shared_down=half_k[3])
+        config = MoeConfig(config.block_m, *(
+            GemmTiles(t.block_n, max(32, t.block_k // 2), t.num_warps, t.num_stages)
+            for t in (config.gate_up, config.down)))
     return config
 
 
@@ -130,20 +118,14 @@ def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr
                     num_pairs, top_k, hidden_size, intermediate_size,
                     x_stride_t, x_stride_h, w_stride_e, w_stride_n, w_stride_k, act_stride_r,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    DENSE: tl.constexpr):
-    """act[rows, cols] = silu(x_t @ gate_e.T) * (x_t @ up_e.T) for one block of pair rows.
-    DENSE: one expert (0) for every token, row r = token r, num_pairs = the number of tokens."""
+                    EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """act[rows, cols] = silu(x_t @ gate_e.T) * (x_t @ up_e.T) for one block of pair rows."""
     block = tl.program_id(0)
+    expert = tl.load(block_experts_ptr + block)
+    if expert < 0:
+        return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    if DENSE:
-        expert = tl.zeros([], dtype=tl.int32)
-        pairs = rows
-    else:
-        expert = tl.load(block_experts_ptr + block)
-        if expert < 0:
-            return
-        pairs = tl.load(sorted_pairs_ptr + rows)
+    pairs = tl.load(sorted_pairs_ptr + rows)
     row_mask = pairs < num_pairs  # padding rows load zeros
     tokens = (pairs // top_k).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,20 +163,14 @@ def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_
                  weights_ptr, num_pairs, hidden_size, intermediate_size,
                  act_stride_r, w_stride_e, w_stride_n, w_stride_k, out_stride_p,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 DENSE: tl.constexpr):
-    """pair_out[pair, cols] = weight[pair] * (act[row] @ down_e.T) for one block of pair rows.
-    DENSE: one expert (0) for every token, row r = pair r = token r, weight 1."""
+                 EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """pair_out[pair, cols] = weight[pair] * (act[row] @ down_e.T) for one block of pair rows."""
     block = tl.program_id(0)
+    expert = tl.load(block_experts_ptr + block)
+    if expert < 0:
+        return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    if DENSE:
-        expert = tl.zeros([], dtype=tl.int32)
-        pairs = rows
-    else:
-        expert = tl.load(block_experts_ptr + block)
-        if expert < 0:
-            return
-        pairs = tl.load(sorted_pairs_ptr + rows)
+    pairs = tl.load(sorted_pairs_ptr + rows)
     row_mask = pairs < num_pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden_size
@@ -214,26 +190,24 @@ def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_
         acc = tl.dot(act.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         act_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * w_stride_k
-    if not DENSE:
-        weight = tl.load(weights_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
-        acc = acc * weight[:, None]
+    weight = tl.load(weights_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
     out_ptrs = pair_out_ptr + pairs[:, None].to(tl.int64) * out_stride_p + cols[None, :]
-    tl.store(out_ptrs, acc, mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(out_ptrs, acc * weight[:, None], mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
-def _sum_choices_kernel(pair_out_ptr, ids_ptr, shared_out_ptr, out_ptr, top_k, num_experts,
-                        hidden_size, out_stride_p, shared_stride_t, out_stride_t,
-                        HAS_SHARED: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = (shared_out[t] if HAS_SHARED) + sum over k in order of pair_out[t*K + k],
-    skipping pairs with no local expert."""
+def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, top_k, num_experts,
+                        hidden_size, out_stride_p, add_stride_t, out_stride_t,
+                        HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = (add[t] if HAS_ADD) + sum over k in order of pair_out[t*K + k], skipping pairs
+    with no local expert; in fp32."""
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < hidden_size
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if HAS_SHARED:
-        acc += tl.load(shared_out_ptr + token.to(tl.int64) * shared_stride_t + cols,
-                       mask=col_mask, other=0.0)
+    if HAS_ADD:
+        acc += tl.load(add_ptr + token.to(tl.int64) * add_stride_t + cols, mask=col_mask,
+                       other=0.0).to(tl.float32)
     for k in range(0, top_k):
         pair = token * top_k + k
         expert = tl.load(ids_ptr + pair)
@@ -245,7 +219,7 @@ def _sum_choices_kernel(pair_out_ptr, ids_ptr, shared_out_ptr, out_ptr, top_k, n
 
 
 def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor) -> None:
+                  topk_weights: torch.Tensor, add: torch.Tensor | None) -> None:
     if x.dim() != 2 or x.dtype not in _DOT_DTYPES:
         raise ValueError(f"x must be [T, H] bfloat16, float16 or float32, got {tuple(x.shape)} "
                          f"{x.dtype}")
@@ -267,6 +241,10 @@ def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                          f"{tuple(topk_weights.shape)} {topk_weights.dtype}")
     if any(t.device != x.device for t in (w13, w2, topk_ids, topk_weights)):
         raise ValueError(f"w13, w2, topk_ids and topk_weights must be on x's device {x.device}")
+    if add is not None and (add.shape != x.shape or add.stride(-1) != 1
+                            or add.device != x.device):
+        raise ValueError(f"add must be [T={num_tokens}, H={hidden_size}] with unit column "
+                         f"stride on {x.device}, got {tuple(add.shape)} on {add.device}")
 
 
 def align_pairs(flat_ids: torch.Tensor, num_experts: int,
@@ -287,96 +265,56 @@ def align_pairs(flat_ids: torch.Tensor, num_experts: int,
     return sorted_pairs, block_experts
 
 
-def _check_shared(x: torch.Tensor, shared_w13: torch.Tensor | None,
-                  shared_w2: torch.Tensor | None) -> None:
-    if (shared_w13 is None) != (shared_w2 is None):
-        raise ValueError("shared_w13 and shared_w2 must be given together")
-    if shared_w13 is None:
-        return
-    hidden_size = x.shape[1]
-    if (shared_w13.dim() != 2 or shared_w13.shape[0] % 2 or shared_w13.shape[1] != hidden_size
-            or shared_w13.dtype != x.dtype or shared_w13.device != x.device):
-        raise ValueError(f"shared_w13 must be [2*Is, H={hidden_size}] {x.dtype} on {x.device}, "
-                         f"got {tuple(shared_w13.shape)} {shared_w13.dtype}")
-    shared_size = shared_w13.shape[0] // 2
-    if (tuple(shared_w2.shape) != (hidden_size, shared_size) or shared_w2.dtype != x.dtype
-            or shared_w2.device != x.device):
-        raise ValueError(f"shared_w2 must be [{hidden_size}, {shared_size}] {x.dtype} on "
-                         f"{x.device}, got {tuple(shared_w2.shape)} {shared_w2.dtype}")
+def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     config: MoeConfig | None = None,
+                     add: torch.Tensor | None = None) -> torch.Tensor:
+    """add[t] + sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
+    e = topk_ids[t, k].
 
-
-def _expert_gemms(x, w13, w2, act, pair_out, sorted_pairs, block_experts, weights, num_pairs,
-                  top_k, num_blocks, block_m, gate_up: GemmTiles, down: GemmTiles,
-                  dense: bool) -> None:
-    """The gate/up and down launches over num_blocks row blocks (dense: rows = tokens of the
-    one expert in w13 [1, 2I, H], w2 [1, H, I])."""
-    hidden_size, intermediate_size = x.shape[1], w13.shape[1] // 2
+    x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, K] (ids
+    outside [0, E), e.g. -1 for an expert held elsewhere, contribute nothing); topk_weights
+    [T, K]; add [T, H] or None. Returns [T, H] in x's dtype, accumulated in fp32. config
+    defaults to moe_config(...).
+    """
+    _check_inputs(x, w13, w2, topk_ids, topk_weights, add)
+    num_tokens, hidden_size = x.shape
+    num_experts, intermediate_size = w13.shape[0], w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    out = torch.empty(num_tokens, hidden_size, dtype=x.dtype, device=x.device)
+    if out.numel() == 0 or top_k == 0:
+        return out.zero_() if add is None else out.copy_(add)
+    cfg = config or moe_config(num_tokens, num_experts, hidden_size, intermediate_size, x.dtype)
+    block_m = cfg.block_m
+    flat_ids = topk_ids.reshape(-1).contiguous()  # [P], pair p = (token p // K, choice p % K)
+    sorted_pairs, block_experts = align_pairs(flat_ids, num_experts, block_m)
+    num_pairs, max_blocks = flat_ids.numel(), block_experts.numel()
+    act = torch.empty(max_blocks * block_m, intermediate_size, dtype=x.dtype,
+                      device=x.device)  # [R, I]
+    pair_out = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)  # [P, H]
+    flat_weights = topk_weights.reshape(-1).contiguous()  # [P]
     # The interpreter computes bf16/fp16 dots wrongly: operands are upcast there. On the GPU
     # 16-bit operands stay as they are (exact products, fp32 accumulation); fp32 uses IEEE dots.
     upcast = x.dtype == torch.float32 or _interpreting()
     dot_dtype = tl.float32 if upcast else _DOT_DTYPES[x.dtype]
     precision = "ieee" if upcast else "tf32"
-    _gate_up_kernel[(num_blocks, triton.cdiv(intermediate_size, gate_up.block_n))](
+    tiles = cfg.gate_up
+    _gate_up_kernel[(max_blocks, triton.cdiv(intermediate_size, tiles.block_n))](
         x, w13, act, sorted_pairs, block_experts, num_pairs, top_k, hidden_size,
         intermediate_size, *x.stride(), *w13.stride(), act.stride(0),
-        BLOCK_M=block_m, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k,
-        EVEN_K=hidden_size % gate_up.block_k == 0, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-        DENSE=dense, num_warps=gate_up.num_warps, num_stages=gate_up.num_stages)
-    _down_kernel[(num_blocks, triton.cdiv(hidden_size, down.block_n))](
-        act, w2, pair_out, sorted_pairs, block_experts, weights, num_pairs, hidden_size,
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        EVEN_K=hidden_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    tiles = cfg.down
+    _down_kernel[(max_blocks, triton.cdiv(hidden_size, tiles.block_n))](
+        act, w2, pair_out, sorted_pairs, block_experts, flat_weights, num_pairs, hidden_size,
         intermediate_size, act.stride(0), *w2.stride(), pair_out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=down.block_n, BLOCK_K=down.block_k,
-        EVEN_K=intermediate_size % down.block_k == 0, DOT_DTYPE=dot_dtype,
-        DOT_PRECISION=precision, DENSE=dense, num_warps=down.num_warps,
-        num_stages=down.num_stages)
-
-
-def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                     topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                     config: MoeConfig | None = None, shared_w13: torch.Tensor | None = None,
-                     shared_w2: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k],
-    plus shared_down(silu(shared_gate(x_t)) * shared_up(x_t)) when shared weights are given.
-
-    x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, K] (ids
-    outside [0, E), e.g. -1 for an expert held elsewhere, contribute nothing); topk_weights
-    [T, K]; shared_w13 [2Is, H], shared_w2 [H, Is]. Returns [T, H] in x's dtype, accumulated in
-    fp32. config defaults to moe_config(...).
-    """
-    _check_inputs(x, w13, w2, topk_ids, topk_weights)
-    _check_shared(x, shared_w13, shared_w2)
-    num_tokens, hidden_size = x.shape
-    num_experts, intermediate_size = w13.shape[0], w13.shape[1] // 2
-    top_k = topk_ids.shape[1]
-    has_shared = shared_w13 is not None
-    out = torch.empty(num_tokens, hidden_size, dtype=x.dtype, device=x.device)
-    if out.numel() == 0 or (top_k == 0 and not has_shared):
-        return out.zero_()
-    cfg = config or moe_config(num_tokens, num_experts, hidden_size, intermediate_size, x.dtype)
-    flat_ids = topk_ids.reshape(-1).contiguous()  # [P], pair p = (token p // K, choice p % K)
-    num_pairs = flat_ids.numel()
-    pair_out = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)  # [P, H]
-    if num_pairs:
-        sorted_pairs, block_experts = align_pairs(flat_ids, num_experts, cfg.block_m)
-        max_blocks = block_experts.numel()
-        act = torch.empty(max_blocks * cfg.block_m, intermediate_size, dtype=x.dtype,
-                          device=x.device)  # [R, I]
-        _expert_gemms(x, w13, w2, act, pair_out, sorted_pairs, block_experts,
-                      topk_weights.reshape(-1).contiguous(), num_pairs, top_k, max_blocks,
-                      cfg.block_m, cfg.gate_up, cfg.down, dense=False)
-    shared_out = pair_out  # a placeholder pointer when there are no shared experts
-    if has_shared:
-        num_blocks = triton.cdiv(num_tokens, cfg.shared_block_m)
-        shared_act = torch.empty(num_blocks * cfg.shared_block_m, shared_w2.shape[1],
-                                 dtype=x.dtype, device=x.device)  # [T padded, Is]
-        shared_out = torch.empty(num_tokens, hidden_size, dtype=torch.float32,
-                                 device=x.device)  # [T, H]
-        _expert_gemms(x, shared_w13[None], shared_w2[None], shared_act, shared_out, flat_ids,
-                      flat_ids, flat_ids, num_tokens, 1, num_blocks, cfg.shared_block_m,
-                      cfg.shared_gate_up, cfg.shared_down, dense=True)
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,
+        DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
     _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
-        pair_out, flat_ids, shared_out, out, top_k, num_experts, hidden_size,
-        pair_out.stride(0), shared_out.stride(0), out.stride(0), HAS_SHARED=has_shared,
-        BLOCK_H=block_h)
+        pair_out, flat_ids, pair_out if add is None else add, out, top_k, num_experts,
+        hidden_size, pair_out.stride(0), 0 if add is None else add.stride(0), out.stride(0),
+        HAS_ADD=add is not None, BLOCK_H=block_h)
     return out

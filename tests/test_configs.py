@@ -152,11 +152,10 @@ def test_dsv2lite_shapes_on_meta():
     assert params["model.layers.0.mlp.down_proj.weight"] == (2048, 10944)  # layer 0 is dense
     assert not any(n.startswith("model.layers.0.mlp.experts") for n in params)
     assert params["model.layers.26.mlp.gate.weight"] == (64, 2048)
-    assert params["model.layers.26.mlp.experts.shared_w2"] == (2048, 2 * 1408)
-    experts = sum(p.numel() for n, p in model.named_parameters()
-                  if n.startswith("model.layers.1.mlp.experts."))
-    # gate, up, down of 64 routed experts of width 1408 and of the shared MLP of width 2 * 1408
-    assert experts == (64 + 2) * 3 * 1408 * 2048
+    assert params["model.layers.26.mlp.shared_experts.down_proj.weight"] == (2048, 2 * 1408)
+    routed = sum(p.numel() for n, p in model.named_parameters()
+                 if n.startswith("model.layers.1.mlp.experts."))
+    assert routed == 64 * 3 * 1408 * 2048  # gate, up, down of 64 experts of width 1408
     assert model.kv_cache_spec().head_size == 512 + 64  # one latent + rope key per token
     # DeepSeek's YaRN softmax scale: qk_head_dim**-0.5 * (0.1 * mscale_all_dim * ln(factor) + 1)**2
     yarn_mscale = 0.1 * 0.707 * math.log(40.0) + 1.0

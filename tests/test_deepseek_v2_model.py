@@ -18,10 +18,9 @@ from transformers import DeepseekV2ForCausalLM as HFDeepseekV2ForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import (DeepseekV2Attention,
                                                                   DeepseekV2RotaryEmbedding)
 
-from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.deepseek_v2 import DeepseekV2ForCausalLM, checkpoint_shapes
-from runner.models.layers.moe import DeepseekMoE, FusedExperts, fused_moe
+from runner.models.layers.moe import DeepseekMoE, fused_moe
 from runner.models.layers.yarn_rope import DeepseekRotaryEmbedding, mla_softmax_scale
 from runner.parallel.plan import ParallelPlan
 from helpers import PagedBatch, randomize_parameters, reference_logits
@@ -187,50 +186,14 @@ def test_moe_routing_matches_brute_force(norm_topk_prob, topk_method):
             moe.experts.load_expert(e, proj, full)
     shared = (torch.randn(2 * inter, hidden) * 0.2, torch.randn(2 * inter, hidden) * 0.2,
               torch.randn(hidden, 2 * inter) * 0.2)
-    for proj, full in zip(("gate", "up", "down"), shared):
-        moe.experts.load_shared(proj, full)
+    moe.shared_experts.gate_up_proj.weight.data.copy_(torch.cat(shared[:2]))
+    moe.shared_experts.down_proj.weight.data.copy_(shared[2])
     moe.gate.weight.data.normal_(0, 0.5)
     x = torch.randn(20, hidden)
     expected = _moe_brute_force(x.double(), moe.gate.weight.double(),
                                 [[t.double() for t in e] for e in experts],
                                 [t.double() for t in shared], config)
     assert (moe(x).double() - expected).abs().max().item() <= 1e-5
-
-
-@pytest.mark.parametrize("expert_parallel,num_shared", [(False, 2), (True, 2), (True, 3)],
-                         ids=["tp", "ep", "ep_3_shared"])
-def test_experts_on_two_ranks_sum_to_routed_and_shared_mlps(expert_parallel, num_shared):
-    """Two ranks' FusedExperts (TP: slices of I; EP: whole experts; the shared MLP split over
-    the ranks either way), summed over ranks = the routed and shared MLPs in float64."""
-    torch.manual_seed(6)
-    num_experts, hidden, inter, top_k, num_tokens = 4, 16, 8, 2, 5
-    experts = [(torch.randn(inter, hidden), torch.randn(inter, hidden),
-                torch.randn(hidden, inter)) for _ in range(num_experts)]
-    shared = (torch.randn(num_shared * inter, hidden), torch.randn(num_shared * inter, hidden),
-              torch.randn(hidden, num_shared * inter))
-    x = torch.randn(num_tokens, hidden)
-    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
-    weights = torch.rand(num_tokens, top_k)
-
-    def mlp(gate, up, down, t):
-        x_t = x[t].double()
-        return down.double() @ (F.silu(gate.double() @ x_t) * (up.double() @ x_t))
-    expected = torch.stack([mlp(*shared, t) + sum(
-        w * mlp(*experts[e], t) for e, w in zip(ids[t].tolist(), weights[t].tolist()))
-        for t in range(num_tokens)])
-    total = torch.zeros(num_tokens, hidden, dtype=torch.float64)
-    for rank in range(2):
-        fused = FusedExperts(num_experts, hidden, inter, GroupHandle(size=2, rank=rank),
-                             expert_parallel, num_shared * inter)
-        for e, tensors in enumerate(experts):
-            for proj, full in zip(("gate", "up", "down"), tensors):
-                if fused.is_local(e):
-                    fused.load_expert(e, proj, full)
-        for proj, full in zip(("gate", "up", "down"), shared):
-            fused.load_shared(proj, full)
-        assert fused.shared_w2.shape == (hidden, num_shared * inter // 2)
-        total += fused(x, ids, weights).double()
-    assert (total - expected).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("hidden,inter", [(32, 16), (30, 6)], ids=["grouped_mm", "per_expert"])
@@ -322,7 +285,7 @@ def test_deepseek_v2_lite_shapes_on_meta_device():
     assert params[layer + "mlp.gate.weight"].shape == (64, 2048)
     assert params[layer + "mlp.experts.w13"].shape == (64, 2 * 1408, 2048)
     assert params[layer + "mlp.experts.w2"].shape == (64, 2048, 1408)
-    assert params[layer + "mlp.experts.shared_w13"].shape == (2 * 2816, 2048)
+    assert params[layer + "mlp.shared_experts.gate_up_proj.weight"].shape == (2 * 2816, 2048)
     assert params["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 10944, 2048)
     assert params["lm_head.weight"].shape == (102400, 2048)
     assert model.num_layers == 27

@@ -27,8 +27,7 @@ from runner.parallel.plan import ParallelPlan
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: the reference ignores rms_norm_eps here
 _EXPERT_KEY = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
-_SHARED_KEY = re.compile(r"(.+\.mlp)\.shared_experts\.(gate|up|down)_proj\.weight")
-_GATE_UP_KEY = re.compile(r"(.+\.mlp)\.(gate|up)_proj\.weight")
+_GATE_UP_KEY = re.compile(r"(.+\.(?:mlp|shared_experts))\.(gate|up)_proj\.weight")
 _QKV_A_KEY = re.compile(r"(.+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.(weight|bias)")
 
 
@@ -204,8 +203,6 @@ class DeepseekV2ForCausalLM(nn.Module):
             experts = self.get_submodule(match[1])
             if experts.is_local(int(match[2])):
                 experts.load_expert(int(match[2]), match[3], tensor)
-        elif match := _SHARED_KEY.fullmatch(name):
-            self.get_submodule(match[1] + ".experts").load_shared(match[2], tensor)
         elif match := _QKV_A_KEY.fullmatch(name):
             param = params[f"{match[1]}.fused_qkv_a_proj.{match[3]}"]
             param.weight_loader(param, tensor, 1 if match[2] == "kv_a_proj_with_mqa" else 0)

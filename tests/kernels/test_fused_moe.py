@@ -1,7 +1,7 @@
 """Triton fused MoE vs the torch fused_moe and float64 brute force (one token and choice at a
 time): ids of experts held elsewhere (-1), experts with no tokens, one expert chosen by every
-token (several row blocks), ragged tiles, shared experts (dense rows over several row blocks);
-on a GPU, DeepSeek-V2-Lite shapes and CUDA graphs."""
+token (several row blocks), ragged tiles, a per-token input added to the sum (the shared experts'
+output); on a GPU, DeepSeek-V2-Lite shapes and CUDA graphs."""
 import functools
 import os
 
@@ -17,23 +17,18 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
-def _mlp_f64(w13, w2, x_t):
-    gate, up = (w13.double() @ x_t.double()).chunk(2)  # [I] each
-    return w2.double() @ (F.silu(gate) * up)
-
-
-def _moe_f64(x, w13, w2, topk_ids, topk_weights, shared_w13=None, shared_w2=None):
-    """sum_k w[t, k] * down_e(silu(gate_e x_t) * up_e x_t) in float64, skipping ids outside E,
-    plus the shared MLP."""
-    num_experts = w13.shape[0]
+def _moe_f64(x, w13, w2, topk_ids, topk_weights):
+    """sum_k w[t, k] * down_e(silu(gate_e x_t) * up_e x_t) in float64, skipping ids outside E."""
+    num_experts, intermediate_size = w13.shape[0], w13.shape[1] // 2
     out = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
-        if shared_w13 is not None:
-            out[t] += _mlp_f64(shared_w13, shared_w2, x[t])
         for k in range(topk_ids.shape[1]):
             e = int(topk_ids[t, k])
-            if 0 <= e < num_experts:
-                out[t] += float(topk_weights[t, k]) * _mlp_f64(w13[e], w2[e], x[t])
+            if not 0 <= e < num_experts:
+                continue
+            gate_up = w13[e].double() @ x[t].double()  # [2I]
+            act = F.silu(gate_up[:intermediate_size]) * gate_up[intermediate_size:]
+            out[t] += float(topk_weights[t, k]) * (w2[e].double() @ act)
     return out
 
 
@@ -50,22 +45,16 @@ def _case(num_tokens, top_k, num_experts, hidden_size, intermediate_size, dtype,
     return x, w13, w2, topk_ids, topk_weights
 
 
-def _shared_weights(hidden_size, shared_size, dtype, seed):
-    """shared_w13 [2Is, H], shared_w2 [H, Is] at unit output scale."""
-    gen = torch.Generator().manual_seed(seed)
-    return ((torch.randn(2 * shared_size, hidden_size, generator=gen) * hidden_size ** -0.5)
-            .to(dtype), (torch.randn(hidden_size, shared_size, generator=gen)
-                         * shared_size ** -0.5).to(dtype))
-
-
-def _check(x, w13, w2, topk_ids, topk_weights, config=None, shared=(None, None)):
-    out = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config, *shared)
+def _check(x, w13, w2, topk_ids, topk_weights, config=None, add=None):
+    out = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config=config, add=add)
     assert out.dtype == x.dtype and out.shape == x.shape
-    want = _moe_f64(x, w13, w2, topk_ids, topk_weights, *shared)
+    want = _moe_f64(x, w13, w2, topk_ids, topk_weights)
+    if add is not None:
+        want += add.double()
     tol = 1e-5 if x.dtype == torch.float32 else 2e-2  # bf16: one output rounding and the act's
     scale = max(float(want.abs().max()), 1.0)
     torch.testing.assert_close(out.double(), want, atol=tol * scale, rtol=tol)
-    torch.testing.assert_close(out, fused_moe(x, w13, w2, topk_ids, topk_weights, *shared),
+    torch.testing.assert_close(out, fused_moe(x, w13, w2, topk_ids, topk_weights, add=add),
                                atol=tol * scale, rtol=tol)
     return out
 
@@ -135,24 +124,17 @@ def test_ragged_tiles_and_strided_inputs():
     _check(wide[:, ::2], w13, w2, topk_ids.t().contiguous().t(), topk_weights, config=config)
 
 
-@pytest.mark.parametrize("num_tokens, shared_size, dtype", [
-    (3, 48, torch.float32), (37, 40, torch.float32), (9, 64, torch.bfloat16)])
-def test_shared_experts(num_tokens, shared_size, dtype):
-    """The shared MLP over every token (37 tokens: three 16-row blocks, the last partial; Is=40:
-    ragged column tiles) plus routed experts, some pairs held elsewhere."""
-    x, w13, w2, topk_ids, topk_weights = _case(num_tokens, 2, 6, 64, 32, dtype, seed=9)
-    topk_ids[::3, 0] = -1
-    _check(x, w13, w2, topk_ids, topk_weights, shared=_shared_weights(64, shared_size, dtype, 9))
-
-
-def test_shared_experts_alone():
-    """No local routed expert at all (EP): the output is the shared MLP."""
-    x, w13, w2, topk_ids, topk_weights = _case(5, 2, 4, 32, 32, torch.float32, seed=10)
-    shared = _shared_weights(32, 32, torch.float32, 10)
-    out = fused_moe_triton(x, w13, w2, torch.full_like(topk_ids, -1), topk_weights, None,
-                           *shared)
-    want = torch.stack([_mlp_f64(*shared, x[t]) for t in range(5)])
-    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_added_input(dtype):
+    """A per-token input (the shared experts' output) joins the fp32 sum, also for tokens whose
+    experts are all held elsewhere, and alone when no pair is local."""
+    x, w13, w2, topk_ids, topk_weights = _case(6, 2, 5, 32, 32, dtype, seed=11)
+    topk_ids[2] = -1
+    add = torch.randn(6, 32, generator=torch.Generator().manual_seed(11)).to(dtype)
+    out = _check(x, w13, w2, topk_ids, topk_weights, add=add)
+    torch.testing.assert_close(out[2], add[2])
+    alone = fused_moe_triton(x, w13, w2, torch.full_like(topk_ids, -1), topk_weights, add=add)
+    torch.testing.assert_close(alone, add)
 
 
 def test_float32_results_are_reproducible():
@@ -171,9 +153,8 @@ def test_gpu_configs_fit_the_tensor_cores(monkeypatch):
     for num_tokens in (1, 2, 8, 9, 32, 100, 128, 256, 257, 4096):
         for dtype in (torch.bfloat16, torch.float32):
             config = moe_config(num_tokens, 64, 2048, 704, dtype)
-            assert config.block_m >= 16 and config.shared_block_m >= 16
-            for tiles in (config.gate_up, config.down, config.shared_gate_up,
-                          config.shared_down):
+            assert config.block_m >= 16
+            for tiles in (config.gate_up, config.down):
                 assert tiles.block_n >= 16 and tiles.block_k >= 16
                 assert tiles.block_n & (tiles.block_n - 1) == 0
                 assert tiles.block_k & (tiles.block_k - 1) == 0
@@ -196,9 +177,7 @@ def test_gate_up_tiles_divide_the_intermediate_size(monkeypatch):
     (lambda c: (*c[:3], c[3].float(), c[4]), "topk_ids must be"),
     (lambda c: (*c[:4], c[4][:, :1]), "topk_weights must be"),
     (lambda c: (c[0].double(), *c[1:]), "x must be"),
-    (lambda c: (*c, None, torch.zeros(64, 16), torch.zeros(32, 32)), "shared_w13 must be"),
-    (lambda c: (*c, None, torch.zeros(64, 32), torch.zeros(32, 16)), "shared_w2 must be"),
-    (lambda c: (*c, None, torch.zeros(64, 32)), "given together"),
+    (lambda c: (*c, None, torch.zeros(2, 16)), "add must be"),
 ])
 def test_bad_inputs_raise(change, match):
     with pytest.raises(ValueError, match=match):
@@ -236,20 +215,17 @@ def _gpu_case(num_tokens, intermediate_size=1408, dtype=torch.bfloat16):
 @pytest.mark.parametrize("intermediate_size", [1408, 704])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_deepseek_v2_lite_shapes(num_tokens, intermediate_size, dtype):
-    """Against the torch fused_moe in fp32 (IEEE matmuls), with a shared MLP of width 2I: bf16
-    may differ by its roundings of the activation and output, fp32 only by summation order."""
+    """Against the torch fused_moe in fp32 (IEEE matmuls): bf16 may differ by its roundings of
+    the activation and output, fp32 only by summation order."""
     x, w13, w2, topk_ids, topk_weights = _gpu_case(num_tokens, intermediate_size, dtype)
     topk_ids[::5, 1] = -1  # some pairs held elsewhere
-    # a shared MLP of width 2I: experts 1 and 2 side by side (gate rows, then up rows)
-    gate1, up1, gate2, up2 = (*w13[1].chunk(2), *w13[2].chunk(2))
-    shared = [torch.cat((gate1, gate2, up1, up2)), torch.cat((w2[1], w2[2]), dim=1)]
-    out = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, None, *shared)
-    want = fused_moe(x.float(), w13.float(), w2.float(), topk_ids, topk_weights,
-                     *(w.float() for w in shared))
+    add = x.flip(0)  # a per-token input to the sum, as the shared experts' output
+    out = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, add=add)
+    want = fused_moe(x.float(), w13.float(), w2.float(), topk_ids, topk_weights, add=add.float())
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), want, atol=tol * float(want.abs().max()), rtol=tol)
     if dtype == torch.bfloat16:  # no worse than the torch bf16 path, give or take one rounding
-        torch_err = (fused_moe(x, w13, w2, topk_ids, topk_weights, *shared).float()
+        torch_err = (fused_moe(x, w13, w2, topk_ids, topk_weights, add=add).float()
                      - want).abs().max()
         assert (out.float() - want).abs().max() <= 2 * torch_err + 1e-2 * want.abs().max()
 

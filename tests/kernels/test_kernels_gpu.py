@@ -132,3 +132,14 @@ def test_moe_router(num_tokens, num_groups, topk_group, renormalize):
     assert torch.equal(got_ids.gather(1, got_order), ref_ids.gather(1, ref_order))
     torch.testing.assert_close(got_w.gather(1, got_order), ref_w.gather(1, ref_order),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_tokens,intermediate_size", [(1, 2816), (128, 1408), (77, 10944)])
+def test_silu_mul(num_tokens, intermediate_size):
+    """DeepSeek-V2-Lite's shared experts (2816, 1408 per rank at TP2) and dense MLP widths."""
+    from kernels.silu_mul import silu_mul, silu_mul_ref
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    gate_up = (torch.randn(num_tokens, 2 * intermediate_size, device="cuda", generator=gen)
+               * 3).to(torch.bfloat16)
+    torch.testing.assert_close(silu_mul(gate_up), silu_mul_ref(gate_up), rtol=2 ** -6,
+                               atol=2 ** -6)

@@ -3,9 +3,9 @@ column-parallel in one fused weight, down row-parallel."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.silu_mul import silu_mul, silu_mul_ref
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -27,5 +27,6 @@ class GatedMLP(nn.Module):
                                            reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I/tp] each
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # [T, 2I/tp]: gate, then up
+        act = silu_mul(gate_up) if gate_up.is_cuda else silu_mul_ref(gate_up)  # [T, I/tp]
+        return self.down_proj(act)

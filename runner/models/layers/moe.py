@@ -1,6 +1,7 @@
 """DeepSeek mixture of experts: softmax router (greedy or group-limited top-k), routed experts
-split by intermediate size (TP) or by whole experts (EP), shared experts (split over tp) computed
-in the same fused MoE call; ONE all-reduce over tp combines the ranks' partial sums."""
+split by intermediate size (TP) or by whole experts (EP), shared experts; each rank sums its
+partial routed + shared output (inside the fused MoE's fp32 sum) and ONE all-reduce over tp
+combines them."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +13,7 @@ from kernels.moe_router import moe_route, moe_route_ref
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ReplicatedLinear
+from runner.models.layers.mlp import GatedMLP
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 # Decode-sized batches use the Triton fused MoE on a GPU (graph-safe, streams expert weights);
@@ -47,14 +49,14 @@ def _grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> tor
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor, shared_w13: torch.Tensor | None = None,
-              shared_w2: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k],
-    plus the shared experts' MLP (shared_w13 [2Is, H], shared_w2 [H, Is]) when given.
+              topk_weights: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """add[t] + sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
+    e = topk_ids[t, k].
 
     x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, K] indexes w13,
-    -1 = an expert held elsewhere (skipped); topk_weights [T, K]. Returns [T, H] in x's dtype,
-    accumulated in fp32. Token-expert pairs are sorted by expert: one matmul per expert.
+    -1 = an expert held elsewhere (skipped); topk_weights [T, K]; add [T, H] or None. Returns
+    [T, H] in x's dtype, accumulated in fp32. Token-expert pairs are sorted by expert: one matmul
+    per expert.
     """
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
@@ -71,30 +73,22 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
     pair_out = _grouped_matmul(F.silu(gate) * up, w2.transpose(1, 2), offs)  # [P, H]
     pair_weight = topk_weights.reshape(-1)[order].float()[:, None]  # [P, 1]
     pair_out = torch.where(valid[order][:, None], pair_out.float() * pair_weight, 0.0)
-    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
-    if shared_w13 is not None:
-        gate, up = F.linear(x, shared_w13).chunk(2, dim=-1)  # [T, Is] each
-        out += F.linear(F.silu(gate) * up, shared_w2).float()
+    out = (torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+           if add is None else add.float())
     return out.index_add_(0, token_of_pair, pair_out).to(x.dtype)
 
 
 class FusedExperts(nn.Module):
-    """This rank's routed experts, w13 [E_local, 2*I_local, H] and w2 [E_local, H, I_local] (TP:
-    every expert, a 1/tp slice of I; EP: experts [r*E/tp, (r+1)*E/tp), whole), and its slice of
-    the shared experts (one MLP of width Is = n_shared * I, always split over tp like any
-    column-parallel MLP): shared_w13 [2*Is/tp, H], shared_w2 [H, Is/tp]."""
+    """This rank's routed experts: w13 [E_local, 2*I_local, H], w2 [E_local, H, I_local].
+    TP: every expert, a 1/tp slice of I. EP: experts [r*E/tp, (r+1)*E/tp), whole."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 group: GroupHandle, expert_parallel: bool, shared_intermediate_size: int = 0):
+                 group: GroupHandle, expert_parallel: bool):
         super().__init__()
         split_what, split_size = ("n_routed_experts", num_experts) if expert_parallel else (
             "moe_intermediate_size", intermediate_size)
         if split_size % group.size:
             raise RunnerError(f"{split_what}={split_size} must be divisible by parallel.tp="
-                              f"{group.size}")
-        if shared_intermediate_size % group.size:
-            raise RunnerError(f"n_shared_experts * moe_intermediate_size="
-                              f"{shared_intermediate_size} must be divisible by parallel.tp="
                               f"{group.size}")
         self.num_experts = num_experts
         self.num_local_experts = num_experts // group.size if expert_parallel else num_experts
@@ -107,57 +101,37 @@ class FusedExperts(nn.Module):
                                 requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, local_i),
                                requires_grad=False)
-        self.local_shared = shared_intermediate_size // group.size
-        self.shared_start = group.rank * self.local_shared
-        self.shared_w13 = self.shared_w2 = None
-        if shared_intermediate_size:
-            self.shared_w13 = nn.Parameter(torch.empty(2 * self.local_shared, hidden_size),
-                                           requires_grad=False)
-            self.shared_w2 = nn.Parameter(torch.empty(hidden_size, self.local_shared),
-                                          requires_grad=False)
 
     def is_local(self, expert_id: int) -> bool:
         return 0 <= expert_id - self.expert_start < self.num_local_experts
 
-    @staticmethod
-    def _load_columns(w13: torch.Tensor, w2: torch.Tensor, proj: str, full: torch.Tensor,
-                      start: int) -> None:
-        """Columns [start, start + I) of I in checkpoint tensor `proj` ("gate", "up" or "down")
-        -> w13 [2I, H] (gate rows, then up rows) or w2 [H, I]."""
-        size = w2.shape[1]
-        if proj == "down":  # [H, I]
-            w2.copy_(full.narrow(1, start, size))
-        else:  # [I, H]
-            w13.narrow(0, 0 if proj == "gate" else size, size).copy_(full.narrow(0, start, size))
-
     def load_expert(self, expert_id: int, proj: str, full: torch.Tensor) -> None:
-        """This rank's part of a local routed expert's checkpoint tensor `proj`."""
+        """Copy this rank's part of checkpoint tensor `proj` ("gate", "up" or "down") of a local
+        expert: gate/up [I, H] -> rows of w13, down [H, I] -> w2."""
         local = expert_id - self.expert_start
-        self._load_columns(self.w13.data[local], self.w2.data[local], proj, full,
-                           self.intermediate_start)
+        start, size = self.intermediate_start, self.local_intermediate
+        if proj == "down":
+            self.w2.data[local].copy_(full.narrow(1, start, size))
+        else:
+            rows = self.w13.data[local].narrow(0, 0 if proj == "gate" else size, size)
+            rows.copy_(full.narrow(0, start, size))
 
-    def load_shared(self, proj: str, full: torch.Tensor) -> None:
-        """This rank's columns of the shared experts' checkpoint tensor `proj`."""
-        self._load_columns(self.shared_w13.data, self.shared_w2.data, proj, full,
-                           self.shared_start)
-
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor) -> torch.Tensor:
-        """Partial sum over this rank's experts (or slices) and its shared slice; topk_ids are
-        global expert ids."""
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+        """add + partial sum over this rank's experts (or slices); topk_ids are global ids."""
         local_ids = topk_ids
         if self.num_local_experts != self.num_experts:  # EP: other ranks' experts become -1
             local_ids = topk_ids - self.expert_start
             local_ids = local_ids.masked_fill(
                 (local_ids < 0) | (local_ids >= self.num_local_experts), -1)
-        moe = fused_moe_triton if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS else fused_moe
-        return moe(x, self.w13, self.w2, local_ids, topk_weights, shared_w13=self.shared_w13,
-                   shared_w2=self.shared_w2)
+        if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS:
+            return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights, add=add)
+        return fused_moe(x, self.w13, self.w2, local_ids, topk_weights, add=add)
 
 
 class DeepseekMoE(nn.Module):
-    """Router (`gate`, replicated, computed in fp32; kernels/moe_router.py has the rule) and
-    `experts`: the routed experts and the shared experts."""
+    """Router (`gate`, replicated, computed in fp32; kernels/moe_router.py has the rule), routed
+    `experts`, `shared_experts`."""
 
     def __init__(self, config, group: GroupHandle, expert_parallel: bool):
         super().__init__()
@@ -170,9 +144,11 @@ class DeepseekMoE(nn.Module):
         self.config = config
         self.group = group
         self.gate = ReplicatedLinear(config.hidden_size, config.n_routed_experts)
-        self.experts = FusedExperts(
-            config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, group,
-            expert_parallel, config.moe_intermediate_size * (config.n_shared_experts or 0))
+        self.experts = FusedExperts(config.n_routed_experts, config.hidden_size,
+                                    config.moe_intermediate_size, group, expert_parallel)
+        self.shared_experts = GatedMLP(
+            config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, group,
+            reduce=False) if config.n_shared_experts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H], summed over ranks."""
@@ -182,4 +158,5 @@ class DeepseekMoE(nn.Module):
         topk_weights, topk_ids = route(x, self.gate.weight, c.num_experts_per_tok, num_groups,
                                        c.topk_group, bool(c.norm_topk_prob),
                                        c.routed_scaling_factor)  # [T, K] each
-        return self.group.all_reduce(self.experts(x, topk_ids, topk_weights))
+        shared = self.shared_experts(x) if self.shared_experts is not None else None  # [T, H]
+        return self.group.all_reduce(self.experts(x, topk_ids, topk_weights, add=shared))
