@@ -74,7 +74,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
     pair_weight = topk_weights.reshape(-1)[order].float()[:, None]  # [P, 1]
     pair_out = torch.where(valid[order][:, None], pair_out.float() * pair_weight, 0.0)
     out = (torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
-           if add is None else add.float())
+           if add is None else add.to(torch.float32, copy=True))
     return out.index_add_(0, token_of_pair, pair_out).to(x.dtype)
 
 
