@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.greedy_summary import greedy_summary, greedy_summary_ref
 from runner.request import SamplingParams
 
 
@@ -24,10 +25,10 @@ class StepLogits:
 
 
 def step_logits(logits: torch.Tensor) -> StepLogits:
-    """logits [R, V] fp32 -> the logits with each row's greedy summary, computed on the device."""
-    best, lse = logits.max(dim=-1), torch.logsumexp(logits, dim=-1)  # [R] each
-    return StepLogits(logits, torch.stack([best.indices.double(), best.values.double(),
-                                           lse.double()], dim=1))
+    """logits [R, V] fp32 -> the logits with each row's greedy summary, computed on the device
+    (one Triton pass on a GPU; ties go to the lowest token id)."""
+    summary = greedy_summary if logits.is_cuda else greedy_summary_ref
+    return StepLogits(logits, summary(logits))
 
 
 def prompt_key(prompt_token_ids: list[int]) -> int:

@@ -143,3 +143,14 @@ def test_silu_mul(num_tokens, intermediate_size):
                * 3).to(torch.bfloat16)
     torch.testing.assert_close(silu_mul(gate_up), silu_mul_ref(gate_up), rtol=2 ** -6,
                                atol=2 ** -6)
+
+
+@pytest.mark.parametrize("num_rows", [1, 128])
+def test_greedy_summary(num_rows):
+    """DeepSeek-V2-Lite's vocabulary (102400): ids and maxima exact, log-sum-exp to fp32."""
+    from kernels.greedy_summary import greedy_summary, greedy_summary_ref
+    gen = torch.Generator(device="cuda").manual_seed(num_rows)
+    logits = torch.randn(num_rows, 102400, device="cuda", generator=gen) * 4
+    got, want = greedy_summary(logits), greedy_summary_ref(logits)
+    assert torch.equal(got[:, :2], want[:, :2])
+    torch.testing.assert_close(got[:, 2], want[:, 2], rtol=1e-6, atol=1e-5)

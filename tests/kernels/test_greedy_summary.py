@@ -1,0 +1,51 @@
+"""The one-pass greedy summary (interpreter) against torch's max and logsumexp: several column
+chunks with a ragged last one, ties across chunks (lowest id wins), -inf entries and rows."""
+import pytest
+import torch
+
+import kernels.greedy_summary as gs
+from kernels.greedy_summary import greedy_summary, greedy_summary_ref
+
+# The interpreter warns on loop bounds from kernel arguments, computes both sides of the
+# tl.where that guards -inf - -inf, and takes log(0) for the row of -inf (lse -inf, as torch).
+pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered in subtract"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered in log")]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(gs, "BLOCK", 64)  # several chunks at test sizes
+
+
+@pytest.mark.parametrize("vocab_size", [1, 50, 64, 300])
+def test_matches_torch(vocab_size):
+    logits = torch.randn(5, vocab_size, generator=torch.Generator().manual_seed(vocab_size)) * 8
+    got, want = greedy_summary(logits), greedy_summary_ref(logits)
+    assert torch.equal(got[:, :2], want[:, :2])
+    torch.testing.assert_close(got[:, 2], want[:, 2], rtol=1e-6, atol=1e-6)
+
+
+def test_ties_across_chunks_pick_the_lowest_id():
+    logits = torch.zeros(2, 300)
+    logits[0, [250, 70, 71]] = 3.0  # chunks 3 and 1
+    logits[1, [299, 0]] = 5.0
+    got = greedy_summary(logits)
+    assert got[:, 0].tolist() == [70, 0]
+    assert got[:, 1].tolist() == [3.0, 5.0]
+
+
+def test_minus_infinity():
+    logits = torch.randn(3, 200)
+    logits[0, :150] = float("-inf")  # the first chunks hold nothing
+    logits[1, ::2] = float("-inf")
+    logits[2] = float("-inf")  # torch: id 0, max -inf, lse -inf
+    got, want = greedy_summary(logits), greedy_summary_ref(logits)
+    assert torch.equal(got[:, :2], want[:, :2])
+    torch.testing.assert_close(got[:, 2], want[:, 2], rtol=1e-6, atol=1e-6)
+
+
+def test_empty_and_bad_input():
+    assert greedy_summary(torch.empty(0, 10)).shape == (0, 3)
+    with pytest.raises(ValueError, match="greedy_summary"):
+        greedy_summary(torch.zeros(2, 10, dtype=torch.float64))
