@@ -1,0 +1,78 @@
+"""Compile Triton kernels for the H200 (sm_90) without a GPU: `python tests/kernels/sm90_compile.py`
+prints {case: error or ""} as JSON. Run with TRITON_INTERPRET=0 (test_sm90_compile.py does)."""
+import importlib
+import json
+import sys
+import traceback
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+H200 = GPUTarget("cuda", 90, 32)
+H200_MAX_SHARED = 232448  # bytes of shared memory one program may use (227 KiB)
+FLOAT_SCALARS = {"eps", "scale_log2", "scaling"}
+BF16, FP32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
+
+# case: (module:kernel, pointer types other than bf16, constexprs as launched at DeepSeek-V2-Lite
+# decode shapes, launch options). Integer arguments are i32, FLOAT_SCALARS fp32.
+CASES = {
+    "greedy_summary": ("kernels.greedy_summary:_greedy_summary_kernel",
+                       {"logits_ptr": FP32, "out_ptr": "*fp64"}, {"BLOCK": 4096}, {}),
+    "silu_mul": ("kernels.silu_mul:_silu_mul_kernel", {}, {"BLOCK": 1024}, {}),
+    "moe_topk": ("kernels.moe_router:_moe_topk_kernel",
+                 {"logits_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64},
+                 {"TOP_K": 6, "NUM_GROUPS": 1, "TOPK_GROUP": 1, "RENORMALIZE": False,
+                  "BLOCK_TOP_K": 8, "BLOCK_T": 16, "BLOCK_E": 64}, {"num_warps": 4}),
+    "moe_align": ("kernels.fused_moe:_align_kernel",
+                  {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
+                  {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 256}, {}),
+    "moe_gate_up": ("kernels.fused_moe:_gate_up_kernel",
+                    {"sorted_pairs_ptr": I32, "block_experts_ptr": I32},
+                    {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "EVEN_K": True,
+                     "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
+                    {"num_warps": 4, "num_stages": 3}),
+    "moe_down": ("kernels.fused_moe:_down_kernel",
+                 {"pair_out_ptr": FP32, "sorted_pairs_ptr": I32, "block_experts_ptr": I32,
+                  "weights_ptr": FP32},
+                 {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "EVEN_K": True,
+                  "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
+                 {"num_warps": 4, "num_stages": 3}),
+    "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"pair_out_ptr": FP32, "ids_ptr": I64},
+                {"HAS_ADD": True, "BLOCK_H": 1024}, {}),
+    "paged_decode_mla": ("kernels.paged_decode:_paged_decode_kernel",
+                         {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},
+                         {"HEAD_DIM_K": 576, "HEAD_DIM_V": 512, "BLOCK_H": 16, "BLOCK_N": 32,
+                          "BLOCK_D1": 512, "BLOCK_D2": 64, "BLOCK_DV": 512, "V_FROM_K": True,
+                          "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
+                         {"num_warps": 4, "num_stages": 2}),
+}
+
+
+def compile_case(path: str, pointers: dict, constexprs: dict, options: dict) -> None:
+    module, name = path.split(":")
+    kernel = getattr(importlib.import_module(module), name)
+    signature = {arg: "constexpr" if arg in constexprs else pointers.get(arg, BF16)
+                 if arg.endswith("_ptr") else "fp32" if arg in FLOAT_SCALARS else "i32"
+                 for arg in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=H200,
+                              options=options)
+    assert compiled.asm["cubin"], "no cubin"
+    shared = compiled.metadata.shared
+    assert shared <= H200_MAX_SHARED, f"{shared} bytes of shared memory > {H200_MAX_SHARED}"
+
+
+def main() -> None:
+    errors = {}
+    for case, spec in CASES.items():
+        try:
+            compile_case(*spec)
+            errors[case] = ""
+        except Exception:  # reported per case by the test
+            errors[case] = traceback.format_exc(limit=3)[-2000:]
+    json.dump(errors, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
