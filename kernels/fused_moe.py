@@ -71,7 +71,7 @@ def moe_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate
     return config
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])  # sizes vary per step
 def _align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, num_experts,
                   max_blocks, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
                   CHUNK: tl.constexpr):
@@ -113,7 +113,7 @@ def _align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, num_e
         tl.store(block_experts_ptr + blocks, -1, mask=blocks < max_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # one compile for every batch size
 def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr,
                     num_pairs, top_k, hidden_size, intermediate_size,
                     x_stride_t, x_stride_h, w_stride_e, w_stride_n, w_stride_k, act_stride_r,
@@ -158,7 +158,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr,
                  weights_ptr, num_pairs, hidden_size, intermediate_size,
                  act_stride_r, w_stride_e, w_stride_n, w_stride_k, out_stride_p,

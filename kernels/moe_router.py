@@ -14,7 +14,7 @@ import triton.language as tl
 BLOCK_T = 16  # tokens per program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every batch size
 def _moe_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, logits_stride,
                      scaling, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr,
                      TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr,

@@ -9,7 +9,7 @@ import triton.language as tl
 _TILE = 1024  # tokens (or requests) per program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every batch size
 def _slot_mapping_kernel(positions_ptr, req_indices_ptr, block_table_ptr, slots_ptr,
                          num_tokens, max_num_blocks, table_stride_r, table_stride_b, cp_rank,
                          BLOCK_SIZE: tl.constexpr, CP_SIZE: tl.constexpr,
@@ -29,7 +29,7 @@ def _slot_mapping_kernel(positions_ptr, req_indices_ptr, block_table_ptr, slots_
     tl.store(slots_ptr + offs, tl.where(mine, block * BLOCK_SIZE + local, -1), mask=in_range)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])
 def _local_seq_lens_kernel(seq_lens_ptr, local_lens_ptr, num_reqs, cp_rank,
                            CP_SIZE: tl.constexpr, INTERLEAVE: tl.constexpr, TILE: tl.constexpr):
     offs = tl.program_id(0) * TILE + tl.arange(0, TILE)

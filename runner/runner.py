@@ -17,7 +17,14 @@ from runner.kv_cache import BlockAllocator, allocate_kv_caches
 from runner.request import Request, RequestOutput, SamplingParams, TokenEvent
 from runner.sampler import StepLogits, prompt_key, sample, step_logits
 from runner.scheduler import ScheduledBatch, Scheduler, cdiv
-from runner.step_inputs import DecodeBuffers, StepInputs, prefill_inputs
+from runner.step_inputs import (DecodeBuffers, StepInputs, prefill_inputs,
+                                warmup_prefill_inputs)
+
+
+# Prefills past this many tokens take paths that compile nothing per size (the MoE's torch
+# grouped GEMM, SDPA); warming up to max_num_batched_tokens would also need a worst-case
+# prefill's activation memory at startup.
+MAX_WARM_UP_TOKENS = 1024
 
 
 class Runner:
@@ -49,7 +56,23 @@ class Runner:
         self._next_req_id = 0
         self.async_decode = AsyncDecode(max_num_seqs, device) if async_scheduling else None
         self._inflight: InflightStep | None = None  # a launched decode step not yet read
+        if device.type == "cuda":
+            self.warm_up_prefill(min(max_num_batched_tokens, MAX_WARM_UP_TOKENS))
         self.graph.capture(self._decode_step, self.decode_buffers)
+
+    def warm_up_prefill(self, max_tokens: int) -> None:
+        """Run the prefill path (storing nothing) at 1, 2, 4, ... tokens up to max_tokens, so
+        that Triton compiles the kernels of every size class (e.g. the fused MoE's tiles) at
+        startup, not within a first request's time to first token. Every rank runs the same
+        sizes in the same order (their collectives pair up)."""
+        num_tokens = 1
+        while True:
+            inputs = warmup_prefill_inputs(min(num_tokens, max_tokens), self.max_model_len,
+                                           self.max_num_blocks, self.block_table, self.device)
+            step_logits(self.model.compute_logits(self._forward(inputs)[inputs.logits_indices]))
+            if num_tokens >= max_tokens:
+                break
+            num_tokens *= 2
 
     @property
     def kv_capacity_tokens(self) -> int:
