@@ -101,6 +101,9 @@ class DecodeBuffers:
         self._host_table = self._pinned_table.numpy()  # [Rmax, max_blocks]
         self._table_keys: list[tuple | None] = [None] * max_num_reqs  # what each row holds
         self._staged_rows = torch.zeros(4, max_num_reqs, dtype=torch.int64, device=device)
+        # The last step's copies out of the pinned buffers: with async scheduling the host stages
+        # step N+1 before the GPU necessarily ran step N's copies, so it waits for them first.
+        self._copies_done = torch.cuda.Event() if pin else None
 
     def stage(self, requests: list[Request], num_padded: int,
               sources: list[int] | None = None) -> None:
@@ -111,6 +114,8 @@ class DecodeBuffers:
         request's blocks only grow, until it is preempted); entries past a row's own blocks
         are never read."""
         n = len(requests)
+        if self._copies_done is not None:
+            self._copies_done.synchronize()  # (returns at once unless the GPU is far behind)
         rows = self._host_rows
         rows[0, :n] = [r.last_token_id for r in requests]
         rows[1, :n] = [r.num_tokens for r in requests]
@@ -125,6 +130,8 @@ class DecodeBuffers:
                 self._host_table[i, :len(r.block_ids)] = r.block_ids
         self._staged_rows.copy_(self._pinned_rows, non_blocking=True)  # contiguous: one DMA
         self.block_table[:n].copy_(self._pinned_table[:n], non_blocking=True)
+        if self._copies_done is not None:
+            self._copies_done.record()
 
     def stage_padding(self, num_padded: int) -> None:
         """Rows [0, num_padded) as padding (graph capture): slot -1, length 0."""
