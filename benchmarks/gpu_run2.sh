@@ -4,7 +4,7 @@
 # Usage:  bash benchmarks/gpu_run2.sh [PART...]
 #   tests     GPU-marked tests, float32 tiny verify on TP2+DCP2 (ag_rs, fused)
 #   gputests  GPU-marked tests only
-#   kernels   MLA decode kernel bench
+#   kernels   MLA decode kernel bench, with its tile sweep at batch 128 (4k and 8k contexts)
 #   tune      MoE tile sweep at the TP2 width (I=704), batches 64..256 (paste into fused_moe.py)
 #   profiles  step profiles: seed batch 128 on TP1 and DCP2 (fused); 4096-token contexts on TP2
 #             (batch 64) and DCP2 (batch 128)
@@ -28,7 +28,8 @@ tests)
 gputests)
   step gpu_tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
 kernels)
-  step mla_decode_bench 120 python3 benchmarks/mla_decode_bench.py --out $OUT/mla.json ;;
+  step mla_decode_bench 300 python3 benchmarks/mla_decode_bench.py --tune --out $OUT/mla.json
+  grep -A30 '^ *batch' $OUT/mla_decode_bench.log ;;
 tune)
   step moe_tune_704 400 python3 benchmarks/moe_bench.py --tune --intermediate-sizes 704 --batches 64 128 256 --out $OUT/moe_tune.json ;;
 profile1)

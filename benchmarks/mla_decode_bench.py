@@ -1,23 +1,32 @@
 """Paged MLA decode on one GPU: KV bandwidth of kernels/paged_decode.py at DeepSeek-V2-Lite
 shapes (16 heads x 576, values = the first 512 dims, block 64, bf16), batch x context.
 
-    python3 benchmarks/mla_decode_bench.py [--out results.json]
+    python3 benchmarks/mla_decode_bench.py [--tune] [--out results.json]
 
 TB/s counts the latent cache read once: batch x context x 576 x 2 bytes. Each shape is first
-checked against the torch reference on fresh random data.
+checked against the torch reference on fresh random data. `--tune` also sweeps the kernel's
+tiles (KV tokens per tile, warps, pipeline stages, programs per SM) at batch 128 and prints the
+best per shape, for kernels/paged_decode.py's decode_config.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
-from kernels.paged_decode import paged_decode, paged_decode_ref
+from kernels.paged_decode import DecodeConfig, paged_decode, paged_decode_ref
 
 HEADS, HEAD_DIM, V_DIM, BLOCK = 16, 576, 512, 64
 SHAPES = [(1, 8192), (32, 8192), (128, 1024), (128, 2048), (128, 4096), (128, 8192), (256, 8192)]
+TUNE_SHAPES = [(128, 4096), (128, 8192)]
+TUNE_BLOCK_N = (16, 32, 64)  # KV tokens per tile
+TUNE_WARPS = (4, 8)
+TUNE_STAGES = (1, 2, 3, 4)
+TUNE_PROGRAMS_PER_SM = (1, 2, 3, 4)  # sets the number of splits along the sequence
 
 
 def inputs(batch: int, context: int, seed: int):
@@ -31,8 +40,36 @@ def inputs(batch: int, context: int, seed: int):
     return q, cache, cache[..., :V_DIM], table, lens, HEAD_DIM ** -0.5
 
 
+def time_us(args_, config: DecodeConfig | None = None) -> float:
+    """Median of CUDA-graph replays (a plain launch loop would time the host's launch rate)."""
+    return triton.testing.do_bench_cudagraph(lambda: paged_decode(*args_, config=config), rep=50,
+                                             return_mode="median") * 1e3
+
+
+def tune(batch: int, context: int) -> list[dict]:
+    """Every candidate config at one shape, fastest first (configs that do not fit skipped)."""
+    args_ = inputs(batch, context, seed=0)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = []
+    for block_n, warps, stages, per_sm in itertools.product(
+            TUNE_BLOCK_N, TUNE_WARPS, TUNE_STAGES, TUNE_PROGRAMS_PER_SM):
+        splits = max(1, min(per_sm * num_sms // batch, 32, context // (4 * block_n)))
+        config = DecodeConfig(block_n, splits, warps, stages)
+        try:
+            us = time_us(args_, config)
+        except OutOfResources:
+            continue
+        results.append({"batch": batch, "context": context, "block_n": block_n,
+                        "num_warps": warps, "num_stages": stages, "num_splits": splits, "us": us,
+                        "tb_per_s": batch * context * HEAD_DIM * 2 / (us * 1e-6) / 1e12})
+    del args_
+    torch.cuda.empty_cache()
+    return sorted(results, key=lambda r: r["us"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--tune", action="store_true", help="sweep the kernel's tiles too")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args()
     rows = []
@@ -42,11 +79,9 @@ def main() -> None:
         ref_out, ref_lse = paged_decode_ref(*check)
         rel_err = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
         args_ = inputs(batch, context, seed=0)
-        # graph replays: a plain launch loop would time the host's launch rate at small shapes
-        ms = triton.testing.do_bench_cudagraph(lambda: paged_decode(*args_), rep=50,
-                                               return_mode="median")
-        tbps = batch * context * HEAD_DIM * 2 / (ms * 1e-3) / 1e12
-        rows.append({"batch": batch, "context": context, "us": ms * 1e3, "tb_per_s": tbps,
+        us = time_us(args_)
+        tbps = batch * context * HEAD_DIM * 2 / (us * 1e-6) / 1e12
+        rows.append({"batch": batch, "context": context, "us": us, "tb_per_s": tbps,
                      "rel_err": rel_err})
         del args_
         torch.cuda.empty_cache()
@@ -55,9 +90,18 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>6} {r['context']:>8} {r['us']:>8.1f} {r['tb_per_s']:>6.2f} "
               f"{r['rel_err']:>8.1e}")
+    tuned = {}
+    if args.tune:
+        for batch, context in TUNE_SHAPES:
+            tuned[f"{batch}x{context}"] = results = tune(batch, context)
+            print(f"\nbest configs at batch {batch}, context {context} (of {len(results)}):")
+            for r in results[:5]:
+                print(f"  DecodeConfig(block_n={r['block_n']}, num_splits={r['num_splits']}, "
+                      f"num_warps={r['num_warps']}, num_stages={r['num_stages']}): "
+                      f"{r['us']:.1f} us, {r['tb_per_s']:.2f} TB/s")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"shapes": rows, "tuned": tuned}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -163,13 +163,15 @@ def _k_tiles(head_dim_k: int) -> tuple[int, int]:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                 num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_splits: int | None = None,
+                 config: DecodeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [R, H, Dk] over each request's first seq_lens[r] cached tokens.
 
     k_cache [num_blocks, B, Hkv, Dk], v_cache [num_blocks, B, Hkv, Dv] (may be a prefix view of
     k_cache), block_table [R, max_num_blocks] int32, seq_lens [R] int32 (capped at the table's
     capacity) -> out [R, H, Dv] in q.dtype, lse [R, H] fp32 natural log (-inf, out 0 if empty).
-    Query head h reads kv head h // (H / Hkv).
+    Query head h reads kv head h // (H / Hkv). `config` (tiles and splits) defaults to
+    decode_config(...), with `num_splits` if given.
     """
     _check_inputs(q, k_cache, v_cache, block_table, seq_lens)
     if num_splits is not None and num_splits < 1:
@@ -181,7 +183,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if not out.numel():
         return out, lse
     max_context = block_table.shape[1] * block_size
-    cfg = decode_config(num_reqs, num_kv_heads, max_context, q.device, num_splits)
+    cfg = config or decode_config(num_reqs, num_kv_heads, max_context, q.device, num_splits)
     group_size = num_heads // num_kv_heads
     block_h = min(max(16, triton.next_power_of_2(group_size)), cfg.max_block_h)
     num_head_blocks = triton.cdiv(group_size, block_h)

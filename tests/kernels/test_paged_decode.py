@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.paged_decode import paged_decode, paged_decode_ref
+from kernels.paged_decode import DecodeConfig, paged_decode, paged_decode_ref
 
 # The interpreter warns when a loop bound comes from a kernel argument (NumPy deprecation).
 pytestmark = pytest.mark.filterwarnings(
@@ -81,6 +81,23 @@ def test_mla_many_heads_one_latent(num_splits):
 def test_gqa_groups(num_splits):
     case = _decode_case([5, 0, 17], 8, 2, 64, 64, mla=False, block_size=8, seed=1)
     _check(case, 0.125, num_splits, atol=1e-5)
+
+
+def test_explicit_config(monkeypatch):
+    """A given config (the MLA decode bench's tuning sweep passes one) replaces decode_config:
+    32-token tiles over 4-token pages, 2 splits."""
+    import kernels.paged_decode
+
+    def no_default(*args):
+        raise AssertionError("decode_config called although a config was given")
+    monkeypatch.setattr(kernels.paged_decode, "decode_config", no_default)
+    q, k_cache, v_cache, table, seq_lens, tokens = _decode_case([0, 5, 40], 16, 1, 576, 512,
+                                                                mla=True, block_size=4, seed=5)
+    out, lse = paged_decode(q, k_cache, v_cache, table, seq_lens, 0.1,
+                            config=DecodeConfig(32, 2, 1, 1))
+    want_out, want_lse = _dense_f64(q, tokens, 0.1)
+    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
 
 
 def test_head_dims_not_powers_of_two_and_different_v_dim():
