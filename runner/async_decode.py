@@ -20,6 +20,7 @@ from runner.request import Request
 from runner.sampler import StepLogits, greedy_tokens
 from runner.scheduler import ScheduledBatch
 
+
 @dataclass
 class InflightStep:
     """A launched decode step whose tokens have not been read yet."""

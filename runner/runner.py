@@ -17,8 +17,7 @@ from runner.kv_cache import BlockAllocator, allocate_kv_caches
 from runner.request import Request, RequestOutput, SamplingParams, TokenEvent
 from runner.sampler import StepLogits, prompt_key, sample, step_logits
 from runner.scheduler import ScheduledBatch, Scheduler, cdiv
-from runner.step_inputs import (DecodeBuffers, StepInputs, prefill_inputs,
-                                warmup_prefill_inputs)
+from runner.step_inputs import DecodeBuffers, StepInputs, prefill_inputs
 
 
 # Prefills past this many tokens take paths that compile nothing per size (the MoE's torch
@@ -67,9 +66,12 @@ class Runner:
         sizes in the same order (their collectives pair up)."""
         num_tokens = 1
         while True:
-            inputs = warmup_prefill_inputs(min(num_tokens, max_tokens), self.max_model_len,
-                                           self.max_num_blocks, self.block_table, self.device)
-            step_logits(self.model.compute_logits(self._forward(inputs)[inputs.logits_indices]))
+            size = min(num_tokens, max_tokens)
+            requests = [Request(-1, [0] * min(self.max_model_len, size - start), SamplingParams())
+                        for start in range(0, size, self.max_model_len)]
+            inputs = prefill_inputs(requests, self.block_table, self.max_num_blocks, self.device)
+            inputs.meta.slot_mapping.fill_(-1)  # no blocks were given out: store nothing
+            self._prefill_logits(inputs)
             if num_tokens >= max_tokens:
                 break
             num_tokens *= 2
@@ -154,10 +156,8 @@ class Runner:
         the previous decode step whose sampled tokens this decode step feeds."""
         self.last_step_was_prefill = batch.is_prefill
         if batch.is_prefill:
-            inputs = prefill_inputs(batch.requests, self.block_table, self.max_num_blocks,
-                                    self.device)
-            hidden = self._forward(inputs)
-            return step_logits(self.model.compute_logits(hidden[inputs.logits_indices]))
+            return self._prefill_logits(prefill_inputs(batch.requests, self.block_table,
+                                                       self.max_num_blocks, self.device))
         num_reqs = len(batch.requests)
         num_padded = self.graph.padded_size(num_reqs)
         self.decode_buffers.stage(batch.requests, num_padded, sources)
@@ -179,6 +179,10 @@ class Runner:
         return sample(logits, [r.params for r in batch.requests],
                       [r.sample_key for r in batch.requests],
                       [len(r.output_token_ids) for r in batch.requests])
+
+    def _prefill_logits(self, inputs: StepInputs) -> StepLogits:
+        hidden = self._forward(inputs)
+        return step_logits(self.model.compute_logits(hidden[inputs.logits_indices]))
 
     def _decode_step(self, inputs: StepInputs) -> StepLogits:
         """What a decode graph holds: staged rows -> inputs -> forward -> logits [padded, V], and

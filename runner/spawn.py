@@ -111,9 +111,7 @@ def _collect(procs, results) -> Any:
                 break  # every result is in; _stop kills what did not exit
         for r, p in enumerate(procs):  # a rank that already reported may die in teardown
             if r not in ok_ranks and p.exitcode not in (None, 0) and results.empty():
-                how = (f"killed by signal {-p.exitcode}" if p.exitcode < 0
-                       else f"exited with status {p.exitcode}")
-                raise RunnerError(f"rank {r} {how}; the run was stopped")
+                raise RunnerError(f"rank {r} {_how_it_ended(p.exitcode)}; the run was stopped")
         wait([p.sentinel for p in procs if p.exitcode is None] + [results._reader], timeout=1.0)
     while not results.empty():
         status, rank, payload = results.get()
@@ -123,10 +121,15 @@ def _collect(procs, results) -> Any:
         result = payload if rank == 0 else result
     for r, p in enumerate(procs):
         if r not in ok_ranks:
-            code = p.exitcode
-            how = f"killed by signal {-code}" if code and code < 0 else f"exited with status {code}"
-            raise RunnerError(f"rank {r} {how} without a result; the run was stopped")
+            raise RunnerError(f"rank {r} {_how_it_ended(p.exitcode)} without a result; the run "
+                              f"was stopped")
     return result
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
 
 
 def _raise_killed(procs, wait_s: float = 1.0) -> None:
@@ -135,7 +138,7 @@ def _raise_killed(procs, wait_s: float = 1.0) -> None:
     while time.monotonic() < deadline:
         for r, p in enumerate(procs):
             if p.exitcode is not None and p.exitcode < 0:
-                raise RunnerError(f"rank {r} killed by signal {-p.exitcode}; the run was stopped")
+                raise RunnerError(f"rank {r} {_how_it_ended(p.exitcode)}; the run was stopped")
         time.sleep(0.05)
 
 

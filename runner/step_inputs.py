@@ -50,24 +50,6 @@ def prefill_inputs(requests: list[Request], block_table, max_num_blocks: int,
                       meta, meta.query_start_loc[1:].long() - 1)
 
 
-def warmup_prefill_inputs(num_tokens: int, max_model_len: int, max_num_blocks: int, block_table,
-                          device: torch.device) -> StepInputs:
-    """One request of num_tokens tokens (id 0, positions wrapping at max_model_len) that stores
-    nothing (slot -1 everywhere): the prefill path at that size, for compiling its kernels."""
-    seq_lens = torch.tensor([num_tokens], dtype=torch.int32, device=device)
-    meta = AttentionMetadata(
-        is_prefill=True, slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64,
-                                                 device=device),
-        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-        query_start_loc_cpu=[0, num_tokens], seq_lens=seq_lens,
-        local_seq_lens=block_table.local_seq_lens(seq_lens),
-        block_table=torch.zeros(1, max_num_blocks, dtype=torch.int32, device=device),
-        max_local_seq_len=block_table.max_local_len(num_tokens))
-    positions = torch.arange(num_tokens, device=device) % max_model_len
-    return StepInputs(torch.zeros(num_tokens, dtype=torch.int64, device=device), positions, meta,
-                      torch.tensor([num_tokens - 1], device=device))
-
-
 class DecodeBuffers:
     """Persistent inputs of a decode step for up to `max_num_reqs` requests.
 

@@ -5,6 +5,7 @@ import json
 import sys
 import traceback
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -28,28 +29,6 @@ CASES = {
     "moe_align": ("kernels.fused_moe:_align_kernel",
                   {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
                   {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 256}, {}),
-    "moe_gate_up": ("kernels.fused_moe:_gate_up_kernel",
-                    {"sorted_pairs_ptr": I32, "block_experts_ptr": I32},
-                    {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "EVEN_K": True,
-                     "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
-                    {"num_warps": 4, "num_stages": 3}),
-    "moe_down": ("kernels.fused_moe:_down_kernel",
-                 {"pair_out_ptr": FP32, "sorted_pairs_ptr": I32, "block_experts_ptr": I32,
-                  "weights_ptr": FP32},
-                 {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "EVEN_K": True,
-                  "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
-                 {"num_warps": 4, "num_stages": 3}),
-    "moe_gate_up_large": ("kernels.fused_moe:_gate_up_kernel",  # 257..1024 tokens
-                          {"sorted_pairs_ptr": I32, "block_experts_ptr": I32},
-                          {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "EVEN_K": True,
-                           "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
-                          {"num_warps": 8, "num_stages": 4}),
-    "moe_down_large": ("kernels.fused_moe:_down_kernel",
-                       {"pair_out_ptr": FP32, "sorted_pairs_ptr": I32, "block_experts_ptr": I32,
-                        "weights_ptr": FP32},
-                       {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "EVEN_K": True,
-                        "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
-                       {"num_warps": 8, "num_stages": 4}),
     "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"pair_out_ptr": FP32, "ids_ptr": I64},
                 {"HAS_ADD": True, "BLOCK_H": 1024}, {}),
     "paged_decode_mla": ("kernels.paged_decode:_paged_decode_kernel",
@@ -59,6 +38,34 @@ CASES = {
                           "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
                          {"num_warps": 4, "num_stages": 2}),
 }
+
+
+MOE_GEMM_POINTERS = {
+    "_gate_up_kernel": {"sorted_pairs_ptr": I32, "block_experts_ptr": I32},
+    "_down_kernel": {"pair_out_ptr": FP32, "sorted_pairs_ptr": I32, "block_experts_ptr": I32,
+                     "weights_ptr": FP32},
+}
+
+
+def moe_gemm_cases() -> dict:
+    """The fused MoE's two GEMM kernels with the tiles moe_config picks on the H200 (with
+    TRITON_INTERPRET=0) for a 128-token decode batch and for the largest Triton prefill."""
+    from kernels.fused_moe import moe_config
+    from runner.models.layers.moe import MAX_TRITON_MOE_TOKENS
+    cases = {}
+    for num_tokens in (128, MAX_TRITON_MOE_TOKENS):
+        config = moe_config(num_tokens, 64, 2048, 1408, torch.bfloat16)
+        for kernel, tiles in (("_gate_up_kernel", config.gate_up), ("_down_kernel", config.down)):
+            cases[f"moe{kernel[:-7]}_{num_tokens}"] = (
+                f"kernels.fused_moe:{kernel}", MOE_GEMM_POINTERS[kernel],
+                {"BLOCK_M": config.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
+                 "EVEN_K": True, "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
+                {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
+    return cases
+
+
+def all_cases() -> dict:
+    return {**CASES, **moe_gemm_cases()}
 
 
 def compile_case(path: str, pointers: dict, constexprs: dict, options: dict) -> None:
@@ -76,7 +83,7 @@ def compile_case(path: str, pointers: dict, constexprs: dict, options: dict) -> 
 
 def main() -> None:
     errors = {}
-    for case, spec in CASES.items():
+    for case, spec in all_cases().items():
         try:
             compile_case(*spec)
             errors[case] = ""

@@ -5,11 +5,11 @@ combines them."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.fused_moe import fused_moe_triton
 from kernels.moe_router import moe_route, moe_route_ref
+from kernels.silu_mul import silu_mul_ref
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ReplicatedLinear
@@ -69,8 +69,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
     token_of_pair = order // top_k  # [P]
 
     gate_up = _grouped_matmul(x[token_of_pair], w13.transpose(1, 2), offs)  # [P, 2I]
-    gate, up = gate_up.chunk(2, dim=-1)
-    pair_out = _grouped_matmul(F.silu(gate) * up, w2.transpose(1, 2), offs)  # [P, H]
+    pair_out = _grouped_matmul(silu_mul_ref(gate_up), w2.transpose(1, 2), offs)  # [P, H]
     pair_weight = topk_weights.reshape(-1)[order].float()[:, None]  # [P, 1]
     pair_out = torch.where(valid[order][:, None], pair_out.float() * pair_weight, 0.0)
     out = (torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
