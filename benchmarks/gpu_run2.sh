@@ -5,7 +5,8 @@
 #   tests     GPU-marked tests, float32 tiny verify on TP2+DCP2 (ag_rs, fused)
 #   gputests  GPU-marked tests only
 #   kernels   MLA decode kernel bench, with its tile sweep at batch 128 (4k and 8k contexts)
-#   tune      MoE tile sweep at the TP2 width (I=704), batches 64..256 (paste into fused_moe.py)
+#   tune      MoE tile sweep (paste into fused_moe.py); TUNE_ARGS, default: the TP2 width
+#             (I=704) at batches 64..256
 #   profiles  step profiles: seed batch 128 on TP1 and DCP2 (fused); 4096-token contexts on TP2
 #             (batch 64) and DCP2 (batch 128)
 #   profile1  the TP1 step profile only
@@ -31,7 +32,8 @@ kernels)
   step mla_decode_bench 300 python3 benchmarks/mla_decode_bench.py --tune --out $OUT/mla.json
   grep -A30 '^ *batch' $OUT/mla_decode_bench.log ;;
 tune)
-  step moe_tune_704 400 python3 benchmarks/moe_bench.py --tune --intermediate-sizes 704 --batches 64 128 256 --out $OUT/moe_tune.json ;;
+  step moe_tune 500 python3 benchmarks/moe_bench.py --tune ${TUNE_ARGS:---intermediate-sizes 704 --batches 64 128 256} --out $OUT/moe_tune.json
+  grep -A12 'best configs' $OUT/moe_tune.log ;;
 profile1)
   CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
   grep -A40 '^step' $OUT/profile_tp1.log ;;

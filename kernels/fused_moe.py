@@ -247,6 +247,12 @@ def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                          f"stride on {x.device}, got {tuple(add.shape)} on {add.device}")
 
 
+def _wait(event: torch.cuda.Event | None) -> None:
+    """Order the current stream's next work after `event` (no host wait)."""
+    if event is not None:
+        torch.cuda.current_stream().wait_event(event)
+
+
 def align_pairs(flat_ids: torch.Tensor, num_experts: int,
                 block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """flat_ids [P] contiguous (pair p: token p // K, choice p % K) -> (sorted_pairs [R] int32:
@@ -268,14 +274,16 @@ def align_pairs(flat_ids: torch.Tensor, num_experts: int,
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      config: MoeConfig | None = None,
-                     add: torch.Tensor | None = None) -> torch.Tensor:
+                     add: torch.Tensor | None = None,
+                     add_ready: torch.cuda.Event | None = None) -> torch.Tensor:
     """add[t] + sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
     e = topk_ids[t, k].
 
     x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, K] (ids
     outside [0, E), e.g. -1 for an expert held elsewhere, contribute nothing); topk_weights
     [T, K]; add [T, H] or None. Returns [T, H] in x's dtype, accumulated in fp32. config
-    defaults to moe_config(...).
+    defaults to moe_config(...). add_ready: an event recorded once `add` is written on another
+    stream; only the final sum waits for it, so that work overlaps the expert GEMMs.
     """
     _check_inputs(x, w13, w2, topk_ids, topk_weights, add)
     num_tokens, hidden_size = x.shape
@@ -283,6 +291,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     top_k = topk_ids.shape[1]
     out = torch.empty(num_tokens, hidden_size, dtype=x.dtype, device=x.device)
     if out.numel() == 0 or top_k == 0:
+        _wait(add_ready)
         return out.zero_() if add is None else out.copy_(add)
     cfg = config or moe_config(num_tokens, num_experts, hidden_size, intermediate_size, x.dtype)
     block_m = cfg.block_m
@@ -313,6 +322,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
+    _wait(add_ready)
     _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
         pair_out, flat_ids, pair_out if add is None else add, out, top_k, num_experts,
         hidden_size, pair_out.stride(0), 0 if add is None else add.stride(0), out.stride(0),

@@ -244,3 +244,34 @@ def test_gpu_cuda_graph_replays_new_routing():
         graph.replay()
         want = fused_moe_triton(x, w13, w2, topk_ids, topk_weights)
         torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("captured", [False, True])
+def test_gpu_add_from_a_side_stream_is_awaited(captured):
+    """`add` written late on another stream (after a ~10 ms spin): the sum waits for
+    add_ready, eagerly and inside a CUDA graph, so it never reads the stale values."""
+    x, w13, w2, topk_ids, topk_weights = _gpu_case(32)
+    want = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, add=x.flip(0))
+    add = torch.zeros_like(x)  # stale until the side stream writes it
+    side = torch.cuda.Stream()
+
+    def run():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(20_000_000)  # cycles: ~10 ms at ~2 GHz
+            add.copy_(x.flip(0))
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return fused_moe_triton(x, w13, w2, topk_ids, topk_weights, add=add, add_ready=ready)
+
+    if captured:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        add.zero_()
+        graph.replay()
+    else:
+        out = run()
+    torch.testing.assert_close(out, want, atol=0, rtol=0)

@@ -1,8 +1,11 @@
 """DeepSeek mixture of experts: softmax router (greedy or group-limited top-k), routed experts
 split by intermediate size (TP) or by whole experts (EP), shared experts; each rank sums its
 partial routed + shared output (inside the fused MoE's fp32 sum) and ONE all-reduce over tp
-combines them."""
+combines them. On a GPU the shared experts run on a side stream, overlapping the router and the
+routed experts' GEMMs (all three only read the layer's input)."""
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -116,16 +119,28 @@ class FusedExperts(nn.Module):
             rows.copy_(full.narrow(0, start, size))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                add: torch.Tensor | None = None) -> torch.Tensor:
-        """add + partial sum over this rank's experts (or slices); topk_ids are global ids."""
+                add: torch.Tensor | None = None,
+                add_ready: torch.cuda.Event | None = None) -> torch.Tensor:
+        """add + partial sum over this rank's experts (or slices); topk_ids are global ids.
+        add_ready: the event `add` is written by, on another stream (fused_moe_triton)."""
         local_ids = topk_ids
         if self.num_local_experts != self.num_experts:  # EP: other ranks' experts become -1
             local_ids = topk_ids - self.expert_start
             local_ids = local_ids.masked_fill(
                 (local_ids < 0) | (local_ids >= self.num_local_experts), -1)
         if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS:
-            return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights, add=add)
+            return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights, add=add,
+                                    add_ready=add_ready)
+        if add_ready is not None:
+            torch.cuda.current_stream().wait_event(add_ready)
         return fused_moe(x, self.w13, self.w2, local_ids, topk_weights, add=add)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU for the shared experts of every layer (created at the first
+    forward, which runs eagerly before any graph capture)."""
+    return torch.cuda.Stream(device)
 
 
 class DeepseekMoE(nn.Module):
@@ -152,10 +167,29 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H], summed over ranks."""
         c = self.config
+        shared, shared_ready = self._shared_output(x)  # first: it overlaps the router too
         route = moe_route if x.is_cuda else moe_route_ref  # the same rule; fp32 logits
         num_groups = c.n_group if c.topk_method == "group_limited_greedy" else 1
         topk_weights, topk_ids = route(x, self.gate.weight, c.num_experts_per_tok, num_groups,
                                        c.topk_group, bool(c.norm_topk_prob),
                                        c.routed_scaling_factor)  # [T, K] each
-        shared = self.shared_experts(x) if self.shared_experts is not None else None  # [T, H]
-        return self.group.all_reduce(self.experts(x, topk_ids, topk_weights, add=shared))
+        return self.group.all_reduce(self.experts(x, topk_ids, topk_weights, add=shared,
+                                                  add_ready=shared_ready))
+
+    def _shared_output(self, x: torch.Tensor) -> tuple[torch.Tensor | None,
+                                                       torch.cuda.Event | None]:
+        """The shared experts' output [T, H] (None without them) and, on a GPU, the event
+        recorded when it is written: they run on a side stream that first waits for everything
+        queued so far, and only the routed experts' final sum waits for them. Memory stays
+        safe without record_stream: the next layer's side work waits for this layer's sum."""
+        if self.shared_experts is None:
+            return None, None
+        if not x.is_cuda:
+            return self.shared_experts(x), None
+        side = _side_stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            shared = self.shared_experts(x)  # [T, H]
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return shared, ready
