@@ -7,9 +7,9 @@
 #   kernels   MLA decode kernel bench, with its tile sweep at batch 128 (4k and 8k contexts)
 #   tune      MoE tile sweep (paste into fused_moe.py); TUNE_ARGS, default: the TP2 width
 #             (I=704) at batches 64..256
-#   profiles  step profiles: seed batch 128 on TP1 and DCP2 (fused); 4096-token contexts on TP2
-#             (batch 64) and DCP2 (batch 128)
+#   profiles  step profiles of the seed workload (batch 128) on TP1 and DCP2 (fused)
 #   profile1  the TP1 step profile only
+#   profile_long  step profiles at 4096-token contexts (TP2 batch 64, DCP2 batch 128)
 #   teacher   teacher-forced bf16 logits of TP1 / TP2 / DCP2 (each comm mode), compared
 #   seed      the seed workload on TP1, TP2 and DCP2 (each comm mode)
 #   seed1     the seed workload on TP1 only, plus batch 1
@@ -33,17 +33,19 @@ kernels)
   grep -A30 '^ *batch' $OUT/mla_decode_bench.log ;;
 tune)
   step moe_tune 500 python3 benchmarks/moe_bench.py --tune ${TUNE_ARGS:---intermediate-sizes 704 --batches 64 128 256} --out $OUT/moe_tune.json
-  grep -A12 'best configs' $OUT/moe_tune.log ;;
+  grep -E -A12 'best configs|^ *I |tuning' $OUT/moe_tune.log ;;
 profile1)
   CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
   grep -A40 '^step' $OUT/profile_tp1.log ;;
 profiles)
   CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
   step profile_dcp2_fused 150 python3 benchmarks/step_profile.py parallel.dcp=2
+  for f in profile_tp1 profile_dcp2_fused; do
+    echo "=== $f"; grep -A14 '^step' $OUT/$f.log; done ;;
+profile_long)
   step profile_long_tp2 200 python3 benchmarks/step_profile.py --prompt-len 4096 parallel.tp=2 scheduler.max_num_seqs=64 $LONG_KV
   step profile_long_dcp2 200 python3 benchmarks/step_profile.py --prompt-len 4096 parallel.dcp=2 scheduler.max_num_seqs=128 $LONG_KV
-  for f in profile_tp1 profile_dcp2_fused profile_long_tp2 profile_long_dcp2; do
-    echo "=== $f"; grep -A14 '^step' $OUT/$f.log; done ;;
+  for f in profile_long_tp2 profile_long_dcp2; do echo "=== $f"; grep -A24 '^step' $OUT/$f.log; done ;;
 teacher)
   TF="python3 benchmarks/teacher_forced.py model=dsv2lite scheduler.max_num_seqs=8"
   CUDA_VISIBLE_DEVICES=0 step tf_tp1 120 $TF --save /tmp/tp1.pt

@@ -118,6 +118,8 @@ def tune(inputs, base: MoeConfig, num_tokens: int) -> tuple[MoeConfig, float]:
                                    for tiles in grids["gate_up"]])[0].gate_up
         candidate = fastest(inputs, [MoeConfig(block_m, gate_up, tiles)
                                      for tiles in grids["down"]])
+        print(f"  tuning T={num_tokens}: BLOCK_M {block_m}: {candidate[1]:.1f} us with "
+              f"{candidate[0]}", flush=True)
         best = min(best, candidate, key=lambda item: item[1])
     return best
 
