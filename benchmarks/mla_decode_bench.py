@@ -36,7 +36,10 @@ def inputs(batch: int, context: int, block_size: int, seed: int):
     num_blocks = batch * context // block_size
     cache = torch.randn(num_blocks, block_size, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
                         generator=g)
-    table = torch.randperm(num_blocks, device="cuda", generator=g).view(batch, -1).int()
+    # the pages in random order; the permutation is drawn on the CPU (a run with a CUDA
+    # randperm of 65536 stopped with an illegal address, cause not isolated)
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
+    table = order.view(batch, -1).int().cuda()
     lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
     q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     return q, cache, cache[..., :V_DIM], table, lens, HEAD_DIM ** -0.5

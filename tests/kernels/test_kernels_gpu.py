@@ -103,6 +103,26 @@ def test_paged_decode_mla_bf16(batch, max_context, num_splits):
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_blocks", [65536, 200_000])
+def test_paged_decode_mla_page_16_many_blocks(num_blocks):
+    """The runner's page of 16 tokens with a full H200-sized cache: block ids past 2^16 (a
+    benchmark run at batch 128 x 8192 tokens, page 16, stopped with an illegal address; the
+    block table there came from a CUDA randperm of 65536)."""
+    batch, context, page = 128, 8192, 16
+    gen = torch.Generator().manual_seed(num_blocks)  # the permutation on the CPU
+    ids = torch.randperm(num_blocks, generator=gen)[-batch * context // page:]  # highest ids too
+    table = ids.view(batch, -1).int().cuda()
+    cache = torch.randn(num_blocks, page, 1, LATENT_DIM + ROPE_DIM, device="cuda",
+                        dtype=torch.bfloat16)
+    seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, NUM_HEADS, LATENT_DIM + ROPE_DIM, device="cuda", dtype=torch.bfloat16)
+    args = (q, cache, cache[..., :LATENT_DIM], table, seq_lens, 0.1)
+    out, lse = paged_decode(*args)
+    ref_out, ref_lse = paged_decode_ref(*args)
+    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_gqa(dtype):
     k_cache, table, seq_lens = _paged_batch(64, 2048, 2, 128, dtype, seed=7)
