@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from kernels.mla_norm_rope import mla_norm_rope, mla_norm_rope_ref
 from runner.errors import RunnerError
 from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -21,8 +22,7 @@ from runner.models.layers.decoder_layer import DecoderLayer
 from runner.models.layers.mlp import GatedMLP
 from runner.models.layers.moe import DeepseekMoE
 from runner.models.layers.norm import RMSNorm
-from runner.models.layers.yarn_rope import (DeepseekRotaryEmbedding, apply_rotary,
-                                            mla_softmax_scale)
+from runner.models.layers.yarn_rope import DeepseekRotaryEmbedding, mla_softmax_scale
 from runner.parallel.plan import ParallelPlan
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: the reference ignores rms_norm_eps here
@@ -94,16 +94,22 @@ class MLAAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(num_tokens, num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, r]
+        meta = ctx.attn_meta
         kv = hidden.new_empty(num_tokens, 1, self.kv_lora_rank + self.rope_dim)  # the cache row
-        self.kv_a_layernorm(latent, out=kv[:, 0, :self.kv_lora_rank])
-        apply_rotary(k_pe.unsqueeze(1), cos, sin, out=kv[:, :, self.kv_lora_rank:])
+        # decode: the query in the absorbed form, [q_nope @ W_UK, roped q_pe] per head
+        q_absorbed = None if meta.is_prefill else hidden.new_empty(
+            num_tokens, num_heads, self.kv_lora_rank + self.rope_dim)
+        q_pe_roped = torch.empty_like(q_pe) if meta.is_prefill else (
+            q_absorbed[:, :, self.kv_lora_rank:])
+        norm_rope = mla_norm_rope if hidden.is_cuda else mla_norm_rope_ref  # the same rounding
+        norm_rope(latent, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos,
+                  sin, kv[:, 0], q_pe_roped)
         latent, k_pe = kv[:, 0, :self.kv_lora_rank], kv[:, :, self.kv_lora_rank:]  # [T,c] [T,1,r]
 
-        meta = ctx.attn_meta
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         ctx.attention.write_kv(k_cache, v_cache, meta.slot_mapping, kv, None)
         if meta.is_prefill:
-            q_pe = apply_rotary(q_pe, cos, sin)
+            q_pe = q_pe_roped
             kv_up = self.kv_b_proj(latent).view(num_tokens, num_heads, self.nope_dim + self.v_dim)
             k_nope, v = kv_up.split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat((k_nope, k_pe.expand(-1, num_heads, -1)), dim=-1)  # [T, H, nope + r]
@@ -111,10 +117,8 @@ class MLAAttention(nn.Module):
                                            self.scale)  # [T, H, v]
             return self.o_proj(out.reshape(num_tokens, num_heads * self.v_dim))
         w_uk, w_uv = self._absorbed_weights()
-        q_absorbed = hidden.new_empty(num_tokens, num_heads, self.kv_lora_rank + self.rope_dim)
         torch.bmm(q_nope.transpose(0, 1), w_uk,
                   out=q_absorbed[:, :, :self.kv_lora_rank].transpose(0, 1))  # [H, T, c] view
-        apply_rotary(q_pe, cos, sin, out=q_absorbed[:, :, self.kv_lora_rank:])
         out_latent, _ = ctx.attention.decode(q_absorbed, k_cache, v_cache, meta,
                                              self.scale)  # [T, H, c]
         out = hidden.new_empty(num_tokens, num_heads, self.v_dim)

@@ -165,6 +165,28 @@ def test_silu_mul(num_tokens, intermediate_size):
                                atol=2 ** -6)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 128, 256])
+def test_mla_norm_rope(num_tokens):
+    """DeepSeek-V2-Lite: 16 heads, 512 latent + 64 rope dims, views of one projection output."""
+    from kernels.mla_norm_rope import mla_norm_rope, mla_norm_rope_ref
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    q_width = NUM_HEADS * (128 + ROPE_DIM)
+    proj = torch.randn(num_tokens, q_width + LATENT_DIM + ROPE_DIM, device="cuda",
+                       generator=gen).to(torch.bfloat16)
+    q, latent, k_pe = proj.split([q_width, LATENT_DIM, ROPE_DIM], dim=-1)
+    q_pe = q.view(num_tokens, NUM_HEADS, 128 + ROPE_DIM)[..., 128:]
+    weight = torch.rand(LATENT_DIM, device="cuda", generator=gen).to(torch.bfloat16) + 0.5
+    angles = torch.rand(num_tokens, ROPE_DIM // 2, device="cuda", generator=gen) * 100
+    args = (latent, k_pe, q_pe, weight, 1e-6, angles.cos(), angles.sin())
+    outs = [(torch.empty(num_tokens, LATENT_DIM + ROPE_DIM, device="cuda", dtype=torch.bfloat16),
+             torch.empty(num_tokens, NUM_HEADS, LATENT_DIM + ROPE_DIM, device="cuda",
+                         dtype=torch.bfloat16)[..., LATENT_DIM:]) for _ in range(2)]
+    mla_norm_rope(*args, *outs[0])
+    mla_norm_rope_ref(*args, *outs[1])
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2 ** -6)
+
+
 @pytest.mark.parametrize("num_rows", [1, 128])
 def test_greedy_summary(num_rows):
     """DeepSeek-V2-Lite's vocabulary (102400): ids and maxima exact, log-sum-exp to fp32."""

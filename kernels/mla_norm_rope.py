@@ -1,0 +1,107 @@
+"""MLA's per-token prologue in one launch (three before: an RMSNorm and two rotaries): the
+latent's RMSNorm and the key's rotary write the cache row, the query's rotary writes the rope part
+of the attention query. Rounding as kernels/rms_norm.py and kernels/rotary.py (interleaved pairs,
+DeepSeek's layout): statistics and rotation in fp32, each result cast once to the input dtype."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.rms_norm import rms_norm_ref
+from kernels.rotary import rotary_ref
+
+
+@triton.jit
+def _mla_norm_rope_kernel(latent_ptr, k_pe_ptr, q_pe_ptr, weight_ptr, cos_ptr, sin_ptr,
+                          kv_ptr, q_out_ptr, eps, latent_size, half_rope, num_heads,
+                          latent_stride_t, k_pe_stride_t, q_stride_t, q_stride_h, cs_stride_t,
+                          kv_stride_t, q_out_stride_t, q_out_stride_h,
+                          BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < latent_size
+    x = tl.load(latent_ptr + t * latent_stride_t + cols, mask=col_mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / latent_size + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    kv_row = kv_ptr + t * kv_stride_t
+    tl.store(kv_row + cols, (w * normed).to(kv_ptr.dtype.element_ty), mask=col_mask)
+
+    pairs = tl.arange(0, BLOCK_R)
+    pair_mask = pairs < half_rope
+    cos = tl.load(cos_ptr + t * cs_stride_t + pairs, mask=pair_mask, other=0.0)
+    sin = tl.load(sin_ptr + t * cs_stride_t + pairs, mask=pair_mask, other=0.0)
+    k_row = k_pe_ptr + t * k_pe_stride_t
+    a = tl.load(k_row + 2 * pairs, mask=pair_mask, other=0.0)
+    b = tl.load(k_row + 2 * pairs + 1, mask=pair_mask, other=0.0)
+    af, bf = a.to(tl.float32), b.to(tl.float32)
+    k_out = kv_row + latent_size  # the rope part follows the latent in the cache row
+    tl.store(k_out + 2 * pairs, (af * cos - bf * sin).to(a.dtype), mask=pair_mask)
+    tl.store(k_out + 2 * pairs + 1, (bf * cos + af * sin).to(a.dtype), mask=pair_mask)
+
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    mask = (heads < num_heads) & pair_mask[None, :]
+    q_row = q_pe_ptr + t * q_stride_t + heads * q_stride_h
+    a = tl.load(q_row + 2 * pairs[None, :], mask=mask, other=0.0)
+    b = tl.load(q_row + 2 * pairs[None, :] + 1, mask=mask, other=0.0)
+    af, bf = a.to(tl.float32), b.to(tl.float32)
+    q_dest = q_out_ptr + t * q_out_stride_t + heads * q_out_stride_h
+    tl.store(q_dest + 2 * pairs[None, :], (af * cos[None, :] - bf * sin[None, :]).to(a.dtype),
+             mask=mask)
+    tl.store(q_dest + 2 * pairs[None, :] + 1,
+             (bf * cos[None, :] + af * sin[None, :]).to(a.dtype), mask=mask)
+
+
+def _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out) -> None:
+    if latent.dim() != 2 or weight.shape != latent.shape[1:]:
+        raise ValueError(f"mla_norm_rope: latent must be [T, C] and weight [C]; got "
+                         f"{tuple(latent.shape)} and {tuple(weight.shape)}")
+    num_tokens, latent_size = latent.shape
+    rope_dim = k_pe.shape[-1]
+    if k_pe.shape != (num_tokens, rope_dim) or rope_dim % 2:
+        raise ValueError(f"mla_norm_rope: k_pe must be [T={num_tokens}, R] with even R; got "
+                         f"{tuple(k_pe.shape)}")
+    if q_pe.dim() != 3 or (q_pe.shape[0], q_pe.shape[2]) != (num_tokens, rope_dim):
+        raise ValueError(f"mla_norm_rope: q_pe must be [T={num_tokens}, H, R={rope_dim}]; got "
+                         f"{tuple(q_pe.shape)}")
+    if cos.shape != (num_tokens, rope_dim // 2) or sin.shape != cos.shape:
+        raise ValueError(f"mla_norm_rope: cos/sin must be [{num_tokens}, {rope_dim // 2}]; got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if kv_out.shape != (num_tokens, latent_size + rope_dim) or q_pe_out.shape != q_pe.shape:
+        raise ValueError(f"mla_norm_rope: kv_out must be [{num_tokens}, {latent_size + rope_dim}]"
+                         f" and q_pe_out {tuple(q_pe.shape)}; got {tuple(kv_out.shape)} and "
+                         f"{tuple(q_pe_out.shape)}")
+    if any(t.stride(-1) != 1 for t in (latent, k_pe, q_pe, cos, sin, kv_out, q_pe_out)):
+        raise ValueError("mla_norm_rope: every tensor needs unit stride in its last dim")
+
+
+def mla_norm_rope(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,
+                  weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                  kv_out: torch.Tensor, q_pe_out: torch.Tensor) -> None:
+    """kv_out [T, C + R] = [rms_norm(latent [T, C]) * weight [C], rope(k_pe [T, R])] and
+    q_pe_out [T, H, R] = rope(q_pe [T, H, R]), cos/sin [T, R/2] fp32; rows may be strided views
+    (e.g. the rope columns of the attention query)."""
+    _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out)
+    num_tokens, latent_size = latent.shape
+    num_heads, rope_dim = q_pe.shape[1:]
+    if num_tokens:
+        _mla_norm_rope_kernel[(num_tokens,)](
+            latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out, eps, latent_size,
+            rope_dim // 2, num_heads, latent.stride(0), k_pe.stride(0), *q_pe.stride()[:2],
+            cos.stride(0), kv_out.stride(0), *q_pe_out.stride()[:2],
+            BLOCK_C=triton.next_power_of_2(latent_size),
+            BLOCK_H=triton.next_power_of_2(num_heads),
+            BLOCK_R=triton.next_power_of_2(rope_dim // 2), num_warps=4)
+
+
+def mla_norm_rope_ref(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,
+                      weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                      kv_out: torch.Tensor, q_pe_out: torch.Tensor) -> None:
+    """Plain-torch `mla_norm_rope`."""
+    _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out)
+    latent_size = latent.shape[1]
+    kv_out[:, :latent_size] = rms_norm_ref(latent, weight, eps)
+    kv_out[:, latent_size:] = rotary_ref(k_pe[:, None], cos, sin, interleaved=True)[:, 0]
+    q_pe_out.copy_(rotary_ref(q_pe, cos, sin, interleaved=True))

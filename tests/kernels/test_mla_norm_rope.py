@@ -1,0 +1,60 @@
+"""MLA's fused norm + rotary kernel (interpreter) against its torch reference, which is the
+model's unfused path: strided views in and out as the model passes them, many heads, ragged
+latent and rope widths, bf16 rounding, an empty batch, bad shapes."""
+import pytest
+import torch
+
+from kernels.mla_norm_rope import mla_norm_rope, mla_norm_rope_ref
+
+
+def _inputs(num_tokens, num_heads, latent_size, rope_dim, dtype, seed):
+    """Views of one projection output [T, q | latent | k_pe] and of the absorbed query, as in
+    MLAAttention.forward."""
+    g = torch.Generator().manual_seed(seed)
+    q_width = num_heads * (8 + rope_dim)
+    proj = torch.randn(num_tokens, q_width + latent_size + rope_dim, generator=g).to(dtype)
+    q, latent, k_pe = proj.split([q_width, latent_size, rope_dim], dim=-1)
+    q_pe = q.view(num_tokens, num_heads, 8 + rope_dim)[..., 8:]
+    weight = (1 + torch.randn(latent_size, generator=g) / 4).to(dtype)
+    angles = torch.rand(num_tokens, rope_dim // 2, generator=g) * 6
+    return latent, k_pe, q_pe, weight, 1e-6, angles.cos(), angles.sin()
+
+
+def _outputs(num_tokens, num_heads, latent_size, rope_dim, dtype):
+    """kv_out [T, C + R] and q_pe_out: the rope columns of [T, H, C + R]."""
+    kv = torch.full((num_tokens, 1, latent_size + rope_dim), float("nan"), dtype=dtype)
+    q_absorbed = torch.full((num_tokens, num_heads, latent_size + rope_dim), float("nan"),
+                            dtype=dtype)
+    return kv[:, 0], q_absorbed[:, :, latent_size:]
+
+
+@pytest.mark.parametrize("num_tokens, num_heads, latent_size, rope_dim", [
+    (3, 16, 512, 64),  # DeepSeek-V2-Lite
+    (5, 3, 40, 6),  # ragged widths: no power of two anywhere
+    (1, 1, 8, 2),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(num_tokens, num_heads, latent_size, rope_dim, dtype):
+    inputs = _inputs(num_tokens, num_heads, latent_size, rope_dim, dtype, seed=latent_size)
+    got = _outputs(num_tokens, num_heads, latent_size, rope_dim, dtype)
+    want = _outputs(num_tokens, num_heads, latent_size, rope_dim, dtype)
+    mla_norm_rope(*inputs, *got)
+    mla_norm_rope_ref(*inputs, *want)
+    # bf16: the norm rounds twice (normed, then times the weight); each may differ by an ulp
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -6
+    for g, w in zip(got, want):
+        assert not g.isnan().any()
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+def test_empty_batch_and_bad_shapes():
+    inputs = _inputs(0, 2, 16, 4, torch.float32, seed=0)
+    mla_norm_rope(*inputs, *_outputs(0, 2, 16, 4, torch.float32))
+    latent, k_pe, q_pe, weight, eps, cos, sin = _inputs(2, 2, 16, 4, torch.float32, seed=1)
+    kv_out, q_pe_out = _outputs(2, 2, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        mla_norm_rope(latent, k_pe, q_pe, weight[:8], eps, cos, sin, kv_out, q_pe_out)
+    with pytest.raises(ValueError, match="cos/sin"):
+        mla_norm_rope(latent, k_pe, q_pe, weight, eps, cos[:, :1], sin[:, :1], kv_out, q_pe_out)
+    with pytest.raises(ValueError, match="kv_out"):
+        mla_norm_rope(latent, k_pe, q_pe, weight, eps, cos, sin, kv_out[:, :16], q_pe_out)
