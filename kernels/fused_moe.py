@@ -271,10 +271,10 @@ def _weight_desc(w: torch.Tensor, tiles: GemmTiles) -> TensorDescriptor | None:
                             [tiles.block_n, tiles.block_k])
 
 
-def _wait(event: torch.cuda.Event | None) -> None:
-    """Order the current stream's next work after `event` (no host wait)."""
+def _wait(event: torch.cuda.Event | None, device: torch.device) -> None:
+    """Order the device's current stream's next work after `event` (no host wait)."""
     if event is not None:
-        torch.cuda.current_stream().wait_event(event)
+        torch.cuda.current_stream(device).wait_event(event)
 
 
 def align_pairs(flat_ids: torch.Tensor, num_experts: int,
@@ -315,7 +315,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     top_k = topk_ids.shape[1]
     out = torch.empty(num_tokens, hidden_size, dtype=x.dtype, device=x.device)
     if out.numel() == 0 or top_k == 0:
-        _wait(add_ready)
+        _wait(add_ready, x.device)
         return out.zero_() if add is None else out.copy_(add)
     cfg = config or moe_config(num_tokens, num_experts, hidden_size, intermediate_size, x.dtype)
     block_m = cfg.block_m
@@ -346,7 +346,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
-    _wait(add_ready)
+    _wait(add_ready, x.device)
     _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
         pair_out, flat_ids, pair_out if add is None else add, out, top_k, num_experts,
         hidden_size, pair_out.stride(0), 0 if add is None else add.stride(0), out.stride(0),

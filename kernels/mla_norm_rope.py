@@ -75,6 +75,11 @@ def _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out) -> Non
                          f"{tuple(q_pe_out.shape)}")
     if any(t.stride(-1) != 1 for t in (latent, k_pe, q_pe, cos, sin, kv_out, q_pe_out)):
         raise ValueError("mla_norm_rope: every tensor needs unit stride in its last dim")
+    if sin.stride() != cos.stride() or not weight.is_contiguous():
+        raise ValueError("mla_norm_rope: sin needs cos's strides and weight must be contiguous")
+    if kv_out.dtype != latent.dtype or q_pe_out.dtype != q_pe.dtype:
+        raise ValueError(f"mla_norm_rope: kv_out and q_pe_out must be {latent.dtype} and "
+                         f"{q_pe.dtype}; got {kv_out.dtype} and {q_pe_out.dtype}")
 
 
 def mla_norm_rope(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_moe import GemmTiles, MoeConfig, align_pairs, fused_moe_triton, moe_config
+from kernels.fused_moe import (GemmTiles, MoeConfig, _weight_desc, align_pairs, fused_moe_triton,
+                               moe_config)
 from runner.models.layers.moe import fused_moe
 
 # The interpreter warns when a loop bound comes from a kernel argument (NumPy deprecation).
@@ -303,6 +304,7 @@ def test_gpu_tma_weight_tiles(num_tokens, intermediate_size):
     x, w13, w2, topk_ids, topk_weights = _gpu_case(num_tokens, intermediate_size)
     base = moe_config(num_tokens, 64, 2048, intermediate_size, torch.bfloat16)
     tma = MoeConfig(base.block_m, replace(base.gate_up, tma=True), replace(base.down, tma=True))
+    assert _weight_desc(w13, tma.gate_up) is not None and _weight_desc(w2, tma.down) is not None
     want = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config=base)
     torch.testing.assert_close(fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config=tma),
                                want, atol=1e-2 * float(want.abs().max()), rtol=1e-2)
@@ -313,3 +315,18 @@ def test_gpu_tma_weight_tiles(num_tokens, intermediate_size):
     graph.replay()
     want = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config=base)
     torch.testing.assert_close(out, want, atol=1e-2 * float(want.abs().max()), rtol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_tma_ragged_tiles():
+    """TMA tiles past an expert's rows (I=40, H=48 against 32-wide tiles) and past the end of the
+    weights (the hardware's zero fill), against float64 brute force."""
+    x, w13, w2, topk_ids, topk_weights = (t.cuda() for t in _case(7, 3, 6, 48, 40,
+                                                                  torch.bfloat16, seed=9))
+    config = MoeConfig(16, GemmTiles(32, 32, 4, 2, tma=True), GemmTiles(32, 32, 4, 2, tma=True))
+    assert _weight_desc(w13, config.gate_up) is not None
+    out = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, config=config)
+    want = _moe_f64(x.cpu(), w13.cpu(), w2.cpu(), topk_ids.cpu(), topk_weights.cpu())
+    scale = max(float(want.abs().max()), 1.0)
+    torch.testing.assert_close(out.cpu().double(), want, atol=2e-2 * scale, rtol=2e-2)

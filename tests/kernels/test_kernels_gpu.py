@@ -103,11 +103,11 @@ def test_paged_decode_mla_bf16(batch, max_context, num_splits):
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("num_blocks", [65536, 200_000])
+@pytest.mark.parametrize("num_blocks", [65536, 240_000])  # 240k x 16 x 576 elements > 2^31
 def test_paged_decode_mla_page_16_many_blocks(num_blocks):
-    """The runner's page of 16 tokens with a full H200-sized cache: block ids past 2^16 (a
-    benchmark run at batch 128 x 8192 tokens, page 16, stopped with an illegal address; the
-    block table there came from a CUDA randperm of 65536)."""
+    """The runner's page of 16 tokens with a full H200-sized cache: block ids past 2^16, element
+    offsets past 2^31 (a benchmark run at batch 128 x 8192 tokens, page 16, stopped with an
+    illegal address; the block table there came from a CUDA randperm of 65536)."""
     batch, context, page = 128, 8192, 16
     gen = torch.Generator().manual_seed(num_blocks)  # the permutation on the CPU
     ids = torch.randperm(num_blocks, generator=gen)[-batch * context // page:]  # highest ids too

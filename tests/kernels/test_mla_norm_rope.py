@@ -58,3 +58,5 @@ def test_empty_batch_and_bad_shapes():
         mla_norm_rope(latent, k_pe, q_pe, weight, eps, cos[:, :1], sin[:, :1], kv_out, q_pe_out)
     with pytest.raises(ValueError, match="kv_out"):
         mla_norm_rope(latent, k_pe, q_pe, weight, eps, cos, sin, kv_out[:, :16], q_pe_out)
+    with pytest.raises(ValueError, match="q_pe_out must be"):
+        mla_norm_rope(latent, k_pe, q_pe, weight, eps, cos, sin, kv_out, q_pe_out.double())

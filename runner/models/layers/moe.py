@@ -132,7 +132,7 @@ class FusedExperts(nn.Module):
             return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights, add=add,
                                     add_ready=add_ready)
         if add_ready is not None:
-            torch.cuda.current_stream().wait_event(add_ready)
+            torch.cuda.current_stream(x.device).wait_event(add_ready)
         return fused_moe(x, self.w13, self.w2, local_ids, topk_weights, add=add)
 
 
