@@ -9,7 +9,7 @@
 #   tune      MoE tile sweep (paste into fused_moe.py); TUNE_ARGS, default: the TP2 width
 #             (I=704) at batches 64..256
 #   profiles  step profiles of the seed workload (batch 128) on TP1 and DCP2 (fused)
-#   profile1  the TP1 step profile only
+#   profile1  the TP1 step profile only, at contexts of ~40 and (as the seed bench) ~258 tokens
 #   profile_long  step profiles at 4096-token contexts (TP2 batch 64, DCP2 batch 128)
 #   teacher   teacher-forced bf16 logits of TP1 / TP2 / DCP2 (each comm mode), compared
 #   seed      the seed workload on TP1, TP2 and DCP2 (each comm mode)
@@ -37,7 +37,8 @@ tune)
   grep -E -A12 'best configs|^ *I |tuning' $OUT/moe_tune.log ;;
 profile1)
   CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
-  grep -A40 '^step' $OUT/profile_tp1.log ;;
+  CUDA_VISIBLE_DEVICES=0 step profile_tp1_ctx258 150 python3 benchmarks/step_profile.py --prompt-len 230
+  grep -A40 '^step' $OUT/profile_tp1.log; grep -A8 '^step' $OUT/profile_tp1_ctx258.log ;;
 profiles)
   CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
   step profile_dcp2_fused 150 python3 benchmarks/step_profile.py parallel.dcp=2

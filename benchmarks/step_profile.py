@@ -4,6 +4,9 @@
     python3 benchmarks/step_profile.py [--prompt-len 2] [model=dsv2lite] [parallel.dcp=2] ...
     (Hydra overrides after the options; batch = scheduler.max_num_seqs, default 128)
 
+Contexts run from the prompt length + 10 to + 65 tokens (10 warm-up, 50 timed and 5 profiled
+decode steps): the seed bench (prompts of 2, 512 out) averages ~258, i.e. `--prompt-len 230`.
+
 Rank 0 prints: the median decode step, kernel time per step and the GPU idle rest, then
 torch.profiler's kernel time per step by category (collectives = NCCL kernels: the per-step
 collective time) and its top kernels.
@@ -21,6 +24,7 @@ import torch
 from runner import build_runner, compose_config, launch
 from runner.request import SamplingParams
 
+NUM_WARM_UP_STEPS = 10
 NUM_TIMED_STEPS = 50
 NUM_PROFILED_STEPS = 5
 CATEGORIES = (  # first match wins; names are lower-cased kernel names
@@ -91,7 +95,7 @@ def profile_rank(cfg, rank: int, prompt_len: int) -> str | None:
     runner.step()
     while runner.last_step_was_prefill:  # every prompt in, then a few warm-up decode steps
         runner.step()
-    for _ in range(10):
+    for _ in range(NUM_WARM_UP_STEPS):
         runner.step()
     try:
         report = _report(_time_steps(runner), *_profile_steps(runner))
@@ -99,8 +103,10 @@ def profile_rank(cfg, rank: int, prompt_len: int) -> str | None:
         runner.shutdown()
     if not runner.plan.is_driver:
         return None
-    return (f"batch {cfg.scheduler.max_num_seqs}, prompts of {prompt_len} tokens, "
-            f"{cfg.parallel}:\n{report}")
+    first_context = prompt_len + NUM_WARM_UP_STEPS
+    last_context = first_context + NUM_TIMED_STEPS + NUM_PROFILED_STEPS
+    return (f"batch {cfg.scheduler.max_num_seqs}, prompts of {prompt_len} tokens (contexts "
+            f"{first_context}-{last_context}), {cfg.parallel}:\n{report}")
 
 
 def main(argv: list[str]) -> None:
