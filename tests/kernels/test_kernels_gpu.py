@@ -140,7 +140,7 @@ def test_paged_decode_gqa(dtype):
 @pytest.mark.parametrize("num_groups,topk_group,renormalize", [(1, 1, False), (8, 3, True)])
 def test_moe_router(num_tokens, num_groups, topk_group, renormalize):
     """DeepSeek-V2-Lite routing (64 experts, H=2048, top-6) and a grouped variant, in bf16 (the
-    kernel's logits: a bf16 GEMM with fp32 output; the reference's: an fp32 GEMM)."""
+    kernel's logits: bf16 tensor-core dots with fp32 sums; the reference's: an fp32 GEMM)."""
     from kernels.moe_router import moe_route, moe_route_ref
     gen = torch.Generator(device="cuda").manual_seed(num_tokens)
     x = torch.randn(num_tokens, 2048, device="cuda", generator=gen).to(torch.bfloat16)
