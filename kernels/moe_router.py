@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 BLOCK_T = 16  # tokens per program
-MAX_BLOCK_K = 128  # hidden columns per step of the in-kernel logits
+MAX_TILE_ELEMENTS = 8192  # router weight elements per step (BLOCK_E x BLOCK_K): no spills
 
 
 @triton.jit(do_not_specialize=["num_tokens"])  # one compile for every batch size
@@ -113,14 +113,15 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
         in_kernel = x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype
         logits = x if in_kernel else _router_logits(x, gate_weight)  # [T, E] when used
         interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+        block_e = max(16, triton.next_power_of_2(num_experts))  # 64 experts: [64, 128] tiles
         _moe_topk_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
             logits, x, gate_weight, weights, ids, num_tokens, num_experts, hidden_size,
             logits.stride(0), x.stride(0), gate_weight.stride(0), scaling,
             TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
             TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
             BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T,
-            BLOCK_E=max(16, triton.next_power_of_2(num_experts)), LOGITS_IN_KERNEL=in_kernel,
-            BLOCK_K=min(MAX_BLOCK_K, max(16, triton.next_power_of_2(hidden_size))),
+            BLOCK_E=block_e, LOGITS_IN_KERNEL=in_kernel,
+            BLOCK_K=min(MAX_TILE_ELEMENTS // block_e, max(16, triton.next_power_of_2(hidden_size))),
             DOT_DTYPE=tl.float32 if interpreting else (
                 tl.float16 if x.dtype == torch.float16 else tl.bfloat16),
             DOT_PRECISION="ieee" if interpreting else "tf32", num_warps=4)

@@ -138,13 +138,19 @@ def test_paged_decode_gqa(dtype):
 
 @pytest.mark.parametrize("num_tokens", [1, 8, 128, 256])
 @pytest.mark.parametrize("num_groups,topk_group,renormalize", [(1, 1, False), (8, 3, True)])
-def test_moe_router(num_tokens, num_groups, topk_group, renormalize):
-    """DeepSeek-V2-Lite routing (64 experts, H=2048, top-6) and a grouped variant, in bf16 (the
-    kernel's logits: bf16 tensor-core dots with fp32 sums; the reference's: an fp32 GEMM)."""
+@pytest.mark.parametrize("num_experts,hidden_size,dtype", [
+    (64, 2048, torch.bfloat16),  # DeepSeek-V2-Lite
+    (160, 5120, torch.bfloat16),  # DeepSeek-V2: [256, 32] weight tiles
+    (64, 2000, torch.float16)])  # a K tail
+def test_moe_router(num_tokens, num_groups, topk_group, renormalize, num_experts, hidden_size,
+                    dtype):
+    """Top-6 routing and a grouped variant in 16 bits (the kernel's logits: tensor-core dots
+    with fp32 sums; the reference's: an fp32 GEMM)."""
     from kernels.moe_router import moe_route, moe_route_ref
     gen = torch.Generator(device="cuda").manual_seed(num_tokens)
-    x = torch.randn(num_tokens, 2048, device="cuda", generator=gen).to(torch.bfloat16)
-    weight = (torch.randn(64, 2048, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(num_tokens, hidden_size, device="cuda", generator=gen).to(dtype)
+    weight = (torch.randn(num_experts, hidden_size, device="cuda", generator=gen)
+              * 0.02).to(dtype)
     args = (6, num_groups, topk_group, renormalize, 1.0)
     got_w, got_ids = moe_route(x, weight, *args)
     ref_w, ref_ids = moe_route_ref(x, weight, *args)
