@@ -63,23 +63,18 @@ class Scheduler:
         prefill = self._admit()
         if prefill:
             return ScheduledBatch(True, prefill)
-        if not self.running:
-            return None
-        self._reserve_decode_slots()
-        self.log.num_decode_steps += 1
-        return ScheduledBatch(False, list(self.running))
+        return self._decode_batch() if self.running else None
 
     def continue_decode(self) -> ScheduledBatch | None:
         """The running requests' next decode step if it needs no admission and no preemption
         (async scheduling launches it before the current step is read), else None."""
-        if not self.running or self._can_admit():
+        if not self.running or self._can_admit() or (
+                sum(map(self._blocks_needed, self.running)) > self.allocator.num_free):
             return None
-        needs = [self._blocks_needed(r) for r in self.running]
-        if sum(needs) > self.allocator.num_free:
-            return None
-        for request, need in zip(self.running, needs):
-            if need:
-                request.block_ids.extend(self.allocator.allocate(need))
+        return self._decode_batch()
+
+    def _decode_batch(self) -> ScheduledBatch:
+        self._reserve_decode_slots()
         self.log.num_decode_steps += 1
         return ScheduledBatch(False, list(self.running))
 
