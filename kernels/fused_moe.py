@@ -4,7 +4,6 @@ fixed-order sum over choices, to which an optional per-token input (DeepSeek's s
 output) is added. Worst-case static buffers: no host sync, CUDA-graph safe."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -12,7 +11,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+from kernels.dot_operands import DOT_DTYPES, dot_operands, interpreting
 
 
 @dataclass(frozen=True)
@@ -47,15 +46,11 @@ _LARGE_BATCH_CONFIG = MoeConfig(64, GemmTiles(128, 64, 8, 4), GemmTiles(128, 64,
 _INTERPRETER_CONFIG = MoeConfig(16, GemmTiles(64, 64, 1, 1), GemmTiles(64, 64, 1, 1))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def moe_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
                dtype: torch.dtype) -> MoeConfig:
     """Tiles for a launch, from static sizes only. Under TRITON_INTERPRET one small config (the
     interpreter costs ~1 ms per program). fp32 halves BLOCK_K: the same shared memory per stage."""
-    if _interpreting():
+    if interpreting():
         return _INTERPRETER_CONFIG
     config = next((cfg for max_tokens, cfg in _H200_CONFIGS if num_tokens <= max_tokens),
                   _LARGE_BATCH_CONFIG)
@@ -233,7 +228,7 @@ def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, top_k, num_expe
 
 def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, add: torch.Tensor | None) -> None:
-    if x.dim() != 2 or x.dtype not in _DOT_DTYPES:
+    if x.dim() != 2 or x.dtype not in DOT_DTYPES:
         raise ValueError(f"x must be [T, H] bfloat16, float16 or float32, got {tuple(x.shape)} "
                          f"{x.dtype}")
     num_tokens, hidden_size = x.shape
@@ -326,11 +321,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       device=x.device)  # [R, I]
     pair_out = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)  # [P, H]
     flat_weights = topk_weights.reshape(-1).contiguous()  # [P]
-    # The interpreter computes bf16/fp16 dots wrongly: operands are upcast there. On the GPU
-    # 16-bit operands stay as they are (exact products, fp32 accumulation); fp32 uses IEEE dots.
-    upcast = x.dtype == torch.float32 or _interpreting()
-    dot_dtype = tl.float32 if upcast else _DOT_DTYPES[x.dtype]
-    precision = "ieee" if upcast else "tf32"
+    dot_dtype, precision = dot_operands(x.dtype)
     tiles = cfg.gate_up
     _gate_up_kernel[(max_blocks, triton.cdiv(intermediate_size, tiles.block_n))](
         x, w13, _weight_desc(w13, tiles), act, sorted_pairs, block_experts, num_pairs, top_k,

@@ -7,11 +7,11 @@ The rule (DeepSeek-V2's): scores = softmax(x @ W.T) in fp32; group-limited: only
 renormalised to sum 1 with `renormalize` (and K > 1), else multiplied by `scaling`."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels.dot_operands import dot_operands
 
 BLOCK_T = 16  # tokens per program
 MAX_TILE_ELEMENTS = 8192  # router weight elements per step (BLOCK_E x BLOCK_K): no spills
@@ -108,11 +108,10 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
     if num_tokens:
-        # 16-bit operands: exact products, fp32 sums, in the kernel (the interpreter computes
-        # 16-bit dots wrongly, so there they are upcast, with IEEE fp32 dots)
+        # 16-bit operands: exact products, fp32 sums, in the kernel
         in_kernel = x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype
         logits = x if in_kernel else _router_logits(x, gate_weight)  # [T, E] when used
-        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+        dot_dtype, precision = dot_operands(x.dtype)
         block_e = max(16, triton.next_power_of_2(num_experts))  # 64 experts: [64, 128] tiles
         _moe_topk_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
             logits, x, gate_weight, weights, ids, num_tokens, num_experts, hidden_size,
@@ -122,9 +121,7 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
             BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T,
             BLOCK_E=block_e, LOGITS_IN_KERNEL=in_kernel,
             BLOCK_K=min(MAX_TILE_ELEMENTS // block_e, max(16, triton.next_power_of_2(hidden_size))),
-            DOT_DTYPE=tl.float32 if interpreting else (
-                tl.float16 if x.dtype == torch.float16 else tl.bfloat16),
-            DOT_PRECISION="ieee" if interpreting else "tf32", num_warps=4)
+            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4)
     return weights, ids
 
 

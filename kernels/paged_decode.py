@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dot_operands import dot_operands
 from kernels.merge_states import merge_states
 
 _LOG2E = 1.4426950408889634
@@ -191,10 +192,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     v_from_k = (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
                 and head_dim_v <= block_d1)
     block_dv = block_d1 if v_from_k else max(16, triton.next_power_of_2(head_dim_v))
-    # Under the interpreter bf16/fp16 dots are wrong, so operands are upcast there; on the GPU
-    # they stay in the input dtype (exact products, fp32 accumulation); fp32 uses IEEE dots.
-    upcast = q.dtype == torch.float32 or q.device.type != "cuda"
-    dot_dtype = tl.float32 if upcast else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
+    dot_dtype, precision = dot_operands(q.dtype)
 
     if cfg.num_splits == 1:  # the single split is the result
         part_out, part_lse = out.unsqueeze(0), lse.unsqueeze(0)
@@ -210,7 +208,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         *part_lse.stride(),
         HEAD_DIM_K=head_dim_k, HEAD_DIM_V=head_dim_v, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
         BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, V_FROM_K=v_from_k,
-        DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if upcast else "tf32",
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.num_splits == 1:
         return out, lse
