@@ -4,9 +4,9 @@
 # Usage:  bash benchmarks/gpu_run2.sh [PART...]
 #   tests     GPU-marked tests, float32 tiny verify on TP2+DCP2 (ag_rs, fused)
 #   gputests  GPU-marked tests only
-#   kernels   MLA decode kernel bench at pages of 16 and 64 tokens, with its tile sweep at batch
-#             128 (4k and 8k contexts; MLA_ARGS, e.g. "--tune-contexts 4096"); prefill attention
-#             (SDPA kernels, masked / causal / V padded to the q/k width)
+#   mla       MLA decode kernel bench at pages of 16 and 64 tokens, with its tile sweep at batch
+#             128 (4k and 8k contexts; MLA_ARGS, e.g. "--tune-contexts 256 4096 --block-sizes 16")
+#   prefill   prefill attention bench (SDPA kernels, masked / causal / V padded to the q/k width)
 #   tune      MoE tile sweep (paste into fused_moe.py); TUNE_ARGS, default: the TP2 width
 #             (I=704) at batches 64..256
 #   profiles  step profiles of the seed workload (batch 128) on TP1 and DCP2 (fused)
@@ -30,9 +30,10 @@ tests)
   step tiny_fp32_dcp2_fused 150 python3 cli.py task=verify model.dtype=float32 parallel.dcp=2 parallel.dcp_comm=fused $Q ;;
 gputests)
   step gpu_tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
-kernels)
+mla)
   step mla_decode_bench 300 python3 benchmarks/mla_decode_bench.py --tune ${MLA_ARGS:-} --out $OUT/mla.json
-  grep -A60 '^ *page' $OUT/mla_decode_bench.log
+  grep -A60 '^ *page' $OUT/mla_decode_bench.log ;;
+prefill)
   step prefill_attention_bench 120 python3 benchmarks/prefill_attention_bench.py --out $OUT/prefill.json
   grep -A30 '^shape' $OUT/prefill_attention_bench.log ;;
 tune)

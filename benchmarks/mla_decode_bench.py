@@ -23,12 +23,15 @@ from triton.runtime.errors import OutOfResources
 from kernels.paged_decode import DecodeConfig, paged_decode, paged_decode_ref
 
 HEADS, HEAD_DIM, V_DIM = 16, 576, 512
-SHAPES = [(1, 8192), (32, 8192), (128, 1024), (128, 2048), (128, 4096), (128, 8192), (256, 8192)]
+SHAPES = [(1, 8192), (32, 8192), (128, 256), (128, 1024), (128, 2048), (128, 4096), (128, 8192),
+          (256, 8192)]
 TUNE_BATCH = 128
 TUNE_BLOCK_N = (16, 32, 64)  # KV tokens per tile
 TUNE_WARPS = (4, 8)
-TUNE_STAGES = (2, 3)
-TUNE_PROGRAMS_PER_SM = (1, 2, 4)  # sets the number of splits along the sequence
+TUNE_STAGES = (1, 2, 3)
+# sets the number of splits along the sequence, from the batch alone, as the runner does (its
+# CUDA graphs fix the launch before the contexts are known)
+TUNE_PROGRAMS_PER_SM = (1, 2, 3, 4)
 
 
 def inputs(batch: int, context: int, block_size: int, seed: int):
@@ -58,7 +61,7 @@ def tune(batch: int, context: int, block_size: int) -> list[dict]:
     results = []
     for block_n, warps, stages, per_sm in itertools.product(
             TUNE_BLOCK_N, TUNE_WARPS, TUNE_STAGES, TUNE_PROGRAMS_PER_SM):
-        splits = max(1, min(per_sm * num_sms // batch, 32, context // (4 * block_n)))
+        splits = max(1, min(per_sm * num_sms // batch, 32))
         config = DecodeConfig(block_n, splits, warps, stages)
         try:
             us = time_us(args_, config)

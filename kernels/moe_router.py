@@ -1,6 +1,6 @@
-"""DeepSeek MoE routing in one kernel: the fp32 router logits (16-bit x and weight: tensor-core
-dots with fp32 sums inside the kernel; otherwise a GEMM before it), the softmax, the optional
-group-limited selection, top-k, and renormalisation or the routed scaling factor.
+"""DeepSeek MoE routing: fp32 router logits (cuBLAS), then one kernel for the softmax, the
+optional group-limited selection, top-k, and renormalisation or the routed scaling factor
+(replacing softmax, top-k and scale launches per MoE layer of a decode step).
 
 The rule (DeepSeek-V2's): scores = softmax(x @ W.T) in fp32; group-limited: only experts of the
 `topk_group` groups with the highest best score compete; the K best scores are the weights,
@@ -11,40 +11,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dot_operands import dot_operands
-
 BLOCK_T = 16  # tokens per program
-MAX_TILE_ELEMENTS = 8192  # router weight elements per step (BLOCK_E x BLOCK_K): no spills
 
 
 @triton.jit(do_not_specialize=["num_tokens"])  # one compile for every batch size
-def _moe_topk_kernel(logits_ptr, x_ptr, w_ptr, weights_ptr, ids_ptr, num_tokens, num_experts,
-                     hidden_size, logits_stride, x_stride, w_stride, scaling,
-                     TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr,
+def _moe_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, logits_stride,
+                     scaling, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr,
                      TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr,
-                     BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                     LOGITS_IN_KERNEL: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
     token_mask, expert_mask = tokens < num_tokens, experts < num_experts
-    if LOGITS_IN_KERNEL:  # x [T, H] @ w [E, H].T, every program reads all of w (L2-resident)
-        ks = tl.arange(0, BLOCK_K)
-        x_rows = x_ptr + tokens[:, None].to(tl.int64) * x_stride
-        w_rows = w_ptr + experts[:, None] * w_stride
-        logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-        for k_start in range(0, hidden_size, BLOCK_K):
-            k_mask = (k_start + ks) < hidden_size
-            xk = tl.load(x_rows + k_start + ks[None, :],
-                         mask=token_mask[:, None] & k_mask[None, :], other=0.0)  # [BT, BK]
-            wk = tl.load(w_rows + k_start + ks[None, :],
-                         mask=expert_mask[:, None] & k_mask[None, :], other=0.0)  # [BE, BK]
-            logits = tl.dot(xk.to(DOT_DTYPE), tl.trans(wk.to(DOT_DTYPE)), logits,
-                            input_precision=DOT_PRECISION)
-    else:
-        logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * logits_stride
-                         + experts[None, :], mask=token_mask[:, None] & expert_mask[None, :],
-                         other=0.0)
+    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * logits_stride + experts[None, :],
+                     mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
     logits = tl.where(expert_mask[None, :], logits, float("-inf"))  # [BT, BE]
     exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     scores = exp / tl.sum(exp, axis=1)[:, None]  # [BT, BE]; 0 for padding experts
@@ -108,20 +87,13 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
     if num_tokens:
-        # 16-bit operands: exact products, fp32 sums, in the kernel
-        in_kernel = x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype
-        logits = x if in_kernel else _router_logits(x, gate_weight)  # [T, E] when used
-        dot_dtype, precision = dot_operands(x.dtype)
-        block_e = max(16, triton.next_power_of_2(num_experts))  # 64 experts: [64, 128] tiles
+        logits = _router_logits(x, gate_weight)  # [T, E]
         _moe_topk_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
-            logits, x, gate_weight, weights, ids, num_tokens, num_experts, hidden_size,
-            logits.stride(0), x.stride(0), gate_weight.stride(0), scaling,
+            logits, weights, ids, num_tokens, num_experts, logits.stride(0), scaling,
             TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
             TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
             BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T,
-            BLOCK_E=block_e, LOGITS_IN_KERNEL=in_kernel,
-            BLOCK_K=min(MAX_TILE_ELEMENTS // block_e, max(16, triton.next_power_of_2(hidden_size))),
-            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4)
+            BLOCK_E=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
     return weights, ids
 
 

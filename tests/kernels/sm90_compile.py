@@ -26,14 +26,12 @@ CASES = {
     "mla_norm_rope": ("kernels.mla_norm_rope:_mla_norm_rope_kernel",
                       {"cos_ptr": FP32, "sin_ptr": FP32},
                       {"BLOCK_C": 512, "BLOCK_H": 16, "BLOCK_R": 32}, {"num_warps": 4}),
-    **{f"moe_topk_e{block_e}{'_logits_in_kernel' if in_kernel else ''}": (
+    **{f"moe_topk_e{block_e}": (
         "kernels.moe_router:_moe_topk_kernel",
-        {"logits_ptr": BF16 if in_kernel else FP32, "weights_ptr": FP32, "ids_ptr": I64},
+        {"logits_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64},
         {"TOP_K": 6, "NUM_GROUPS": 1, "TOPK_GROUP": 1, "RENORMALIZE": False, "BLOCK_TOP_K": 8,
-         "BLOCK_T": 16, "BLOCK_E": block_e, "LOGITS_IN_KERNEL": in_kernel,
-         "BLOCK_K": 8192 // block_e, "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
-        {"num_warps": 4})
-       for block_e in (64, 256) for in_kernel in (False, True)},  # DeepSeek-V2-Lite, V2
+         "BLOCK_T": 16, "BLOCK_E": block_e}, {"num_warps": 4})
+       for block_e in (64, 256)},  # DeepSeek-V2-Lite, V2
     "moe_align": ("kernels.fused_moe:_align_kernel",
                   {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
                   {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 256}, {}),
