@@ -7,6 +7,7 @@
 #   mla       MLA decode kernel bench at pages of 16 and 64 tokens, with its tile sweep at batch
 #             128 (4k and 8k contexts; MLA_ARGS, e.g. "--tune-contexts 256 4096 --block-sizes 16")
 #   prefill   prefill attention bench (SDPA kernels, masked / causal / V padded to the q/k width)
+#   moe       MoE layer bench: Triton fused MoE vs torch._grouped_mm, batch 1..256, I=1408 and 704
 #   tune      MoE tile sweep (paste into fused_moe.py); TUNE_ARGS, default: the TP2 width
 #             (I=704) at batches 64..256
 #   profiles  step profiles of the seed workload (batch 128) on TP1 and DCP2 (fused)
@@ -16,6 +17,7 @@
 #   seed      the seed workload on TP1, TP2 and DCP2 (each comm mode)
 #   seed1     the seed workload on TP1 only, plus batch 1
 #   seed2     the seed workload on TP2 and DCP2 (each comm mode)
+#   qwen      the seed workload on TP1 with model=qwen2_5_1_5b (GQA)
 #   long      long context where KV capacity binds: TP2 vs DCP2 (LONG_PROMPTS, default 256)
 set -u
 source "$(dirname "$0")/gpu_common.sh"
@@ -36,6 +38,9 @@ mla)
 prefill)
   step prefill_attention_bench 120 python3 benchmarks/prefill_attention_bench.py --out $OUT/prefill.json
   grep -A30 '^shape' $OUT/prefill_attention_bench.log ;;
+moe)
+  step moe_bench 240 python3 benchmarks/moe_bench.py --out $OUT/moe.json
+  grep -A16 '^ *I batch' $OUT/moe_bench.log ;;
 tune)
   step moe_tune 500 python3 benchmarks/moe_bench.py --tune ${TUNE_ARGS:---intermediate-sizes 704 --batches 64 128 256} --out $OUT/moe_tune.json
   grep -E -A12 'best configs|^ *I |tuning' $OUT/moe_tune.log ;;
@@ -64,6 +69,8 @@ teacher)
 seed1)
   CUDA_VISIBLE_DEVICES=0 step tp1 200 python3 cli.py model=dsv2lite $SEED
   CUDA_VISIBLE_DEVICES=0 step tp1_batch1 200 python3 cli.py model=dsv2lite task=bench task.num_prompts=4 task.input_len=2 task.output_len=256 task.num_warmups=1 task.max_concurrency=1 scheduler.max_num_seqs=1 $Q ;;
+qwen)
+  CUDA_VISIBLE_DEVICES=0 step qwen_tp1 200 python3 cli.py model=qwen2_5_1_5b $SEED ;;
 seed|seed2)
   [ $part = seed ] && CUDA_VISIBLE_DEVICES=0 step tp1 200 python3 cli.py model=dsv2lite $SEED
   step tp2 200 python3 cli.py model=dsv2lite parallel.tp=2 $SEED

@@ -80,8 +80,7 @@ def _align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, num_e
     for start in range(0, num_pairs, CHUNK):
         pairs = start + tl.arange(0, CHUNK)
         ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
-        hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < num_experts)
-        counts += tl.sum(hit.to(tl.int32), axis=0)
+        counts += tl.histogram(ids.to(tl.int32), BLOCK_E, mask=(ids >= 0) & (ids < num_experts))
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [BLOCK_E]
     ends = tl.cumsum(padded, axis=0)
     own = experts == expert
@@ -204,11 +203,11 @@ def _down_kernel(act_ptr, w2_ptr, w2_desc, pair_out_ptr, sorted_pairs_ptr, block
 
 
 @triton.jit
-def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, top_k, num_experts,
+def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, num_experts,
                         hidden_size, out_stride_p, add_stride_t, out_stride_t,
-                        HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
+                        TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
     """out[t] = (add[t] if HAS_ADD) + sum over k in order of pair_out[t*K + k], skipping pairs
-    with no local expert; in fp32."""
+    with no local expert; in fp32. The unrolled k loop issues its K independent loads at once."""
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < hidden_size
@@ -216,8 +215,8 @@ def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, top_k, num_expe
     if HAS_ADD:
         acc += tl.load(add_ptr + token.to(tl.int64) * add_stride_t + cols, mask=col_mask,
                        other=0.0).to(tl.float32)
-    for k in range(0, top_k):
-        pair = token * top_k + k
+    for k in tl.static_range(TOP_K):
+        pair = token * TOP_K + k
         expert = tl.load(ids_ptr + pair)
         local = (expert >= 0) & (expert < num_experts)
         acc += tl.load(pair_out_ptr + pair.to(tl.int64) * out_stride_p + cols,
@@ -286,7 +285,7 @@ def align_pairs(flat_ids: torch.Tensor, num_experts: int,
     _align_kernel[(num_experts,)](
         flat_ids, sorted_pairs, block_experts, num_pairs, num_experts, max_blocks,
         BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
-        CHUNK=min(256, max(16, triton.next_power_of_2(num_pairs))))
+        CHUNK=min(1024, max(16, triton.next_power_of_2(num_pairs))))
     return sorted_pairs, block_experts
 
 
@@ -339,7 +338,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
     _wait(add_ready, x.device)
     _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
-        pair_out, flat_ids, pair_out if add is None else add, out, top_k, num_experts,
+        pair_out, flat_ids, pair_out if add is None else add, out, num_experts,
         hidden_size, pair_out.stride(0), 0 if add is None else add.stride(0), out.stride(0),
-        HAS_ADD=add is not None, BLOCK_H=block_h)
+        TOP_K=top_k, HAS_ADD=add is not None, BLOCK_H=block_h)
     return out

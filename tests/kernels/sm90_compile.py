@@ -34,9 +34,9 @@ CASES = {
        for block_e in (64, 256)},  # DeepSeek-V2-Lite, V2
     "moe_align": ("kernels.fused_moe:_align_kernel",
                   {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
-                  {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 256}, {}),
+                  {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024}, {}),
     "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"pair_out_ptr": FP32, "ids_ptr": I64},
-                {"HAS_ADD": True, "BLOCK_H": 1024}, {}),
+                {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 1024}, {}),
     "paged_decode_mla": ("kernels.paged_decode:_paged_decode_kernel",
                          {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},
                          {"HEAD_DIM_K": 576, "HEAD_DIM_V": 512, "BLOCK_H": 16, "BLOCK_N": 32,

@@ -65,6 +65,8 @@ def _check(x, w13, w2, topk_ids, topk_weights, config=None, add=None):
     ([3, -1, 0, 3, 3, 5, 0, 9, 3], 6, 16),  # experts 1, 2, 4 empty; 9 is outside E=6
     ([2] * 40 + [0], 4, 16),  # one expert over three blocks
     (torch.randint(-1, 5, (300,), generator=torch.Generator().manual_seed(0)).tolist(), 5, 32),
+    # three 1024-pair chunks; ids 64..69 are outside E=64
+    (torch.randint(-1, 70, (2100,), generator=torch.Generator().manual_seed(1)).tolist(), 64, 16),
 ])
 def test_align_pairs_groups_pairs_by_expert(flat_ids, num_experts, block_m):
     """Each expert's pairs in pair order, padded to block_m with P; the blocks' experts, then -1
@@ -114,8 +116,8 @@ def test_one_expert_for_every_token_fills_several_row_blocks():
 
 
 def test_more_pairs_than_one_alignment_chunk():
-    """261 pairs: the sort runs over two 256-pair chunks, ranks carried from the first."""
-    _check(*_case(87, 3, 4, 32, 32, torch.float32, seed=8))
+    """1,050 pairs: the sort runs over two 1024-pair chunks, ranks carried from the first."""
+    _check(*_case(350, 3, 4, 32, 32, torch.float32, seed=8))
 
 
 def test_ragged_tiles_and_strided_inputs():
