@@ -51,3 +51,14 @@ def test_prefill_matches_causal_attention_per_prompt(lengths, max_masked, num_he
     assert lse is None and out.shape == (num_tokens, num_heads, v_dim)
     torch.testing.assert_close(out.double(), _reference(q, k, v, lengths, 0.3),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths, masked", [
+    ([2] * 128, True),  # the seed workload's prompts: one call, not 128
+    ([256] * 8, True),
+    ([7], False),  # one prompt: causal, no mask
+    ([2000, 2000], False),  # two long prompts: two causal calls beat a 4000 x 4000 mask
+    ([2] * 2049, False),  # past the largest mask
+])
+def test_one_masked_call_only_where_cheaper(lengths, masked):
+    assert triton_backend.one_masked_call(lengths) is masked

@@ -1,6 +1,6 @@
 """GPU attention: Triton paged decode (split-KV, natural-log LSE) and KV writes; prefill of
-fresh tokens with torch SDPA: one masked call for a short batch of several prompts, else one
-causal call per prompt (no mask: SDPA's fastest kernels, 2.2-3x the masked call on one H200)."""
+fresh tokens with torch SDPA: one masked call for many short prompts, else one causal call per
+prompt (no mask: SDPA's fastest kernels, 2.2-3x the masked call on one H200), by a cost model."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,19 @@ from kernels.kv_write import write_kv
 from kernels.paged_decode import paged_decode
 from runner.forward_context import AttentionMetadata, KVCacheSpec
 
-MAX_MASKED_PREFILL_TOKENS = 4096  # above this, a dense [T, T] mask costs more than a loop
+MAX_MASKED_PREFILL_TOKENS = 4096  # the largest dense [T, T] mask built
+# SDPA cost on one H200 (benchmarks/prefill_attention_bench.py, bf16, MLA and GQA shapes): a causal
+# call per prompt ~15 us + 1.1e-5 us x tokens^2; one masked call over all prompts ~2.9e-5 us x T^2.
+CAUSAL_CALL_US, CAUSAL_US_PER_TOKEN2, MASKED_US_PER_TOKEN2 = 15.0, 1.1e-5, 2.9e-5
+
+
+def one_masked_call(prompt_lengths: list[int]) -> bool:
+    """Whether one masked SDPA call over all prompts is cheaper than a causal call per prompt."""
+    num_tokens = sum(prompt_lengths)
+    if len(prompt_lengths) == 1 or num_tokens > MAX_MASKED_PREFILL_TOKENS:
+        return False
+    per_prompt_us = sum(CAUSAL_CALL_US + CAUSAL_US_PER_TOKEN2 * n * n for n in prompt_lengths)
+    return MASKED_US_PER_TOKEN2 * num_tokens * num_tokens < per_prompt_us
 
 
 class TritonAttention:
@@ -27,12 +39,11 @@ class TritonAttention:
 
     def prefill(self, q, k, v, meta: AttentionMetadata, scale: float):
         starts = meta.query_start_loc_cpu
-        num_tokens = q.shape[0]
+        lengths = [end - start for start, end in zip(starts[:-1], starts[1:])]
         gqa = q.shape[1] != k.shape[1]
-        if len(starts) > 2 and num_tokens <= MAX_MASKED_PREFILL_TOKENS:
-            req = torch.repeat_interleave(
-                torch.arange(len(starts) - 1, device=q.device),
-                torch.tensor([e - s for s, e in zip(starts[:-1], starts[1:])], device=q.device))
+        if one_masked_call(lengths):
+            req = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
+                                          torch.tensor(lengths, device=q.device))
             mask = (req[:, None] == req[None, :]).tril()  # [T, T] causal, within a request
             out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
                                                  v.transpose(0, 1), attn_mask=mask, scale=scale,
