@@ -1,6 +1,7 @@
-"""DeepSeek MoE routing: fp32 router logits (cuBLAS), then one kernel for the softmax, the
-optional group-limited selection, top-k, and renormalisation or the routed scaling factor
-(replacing softmax, top-k and scale launches per MoE layer of a decode step).
+"""DeepSeek MoE routing in two launches: the fp32 router logits as a split-K GEMM (16 programs per
+16 tokens: a decode step's 128 tokens alone are only 8 row blocks for 132 SMs), then one kernel
+that sums the splits in order, and takes the softmax, the optional group-limited selection,
+top-k, and renormalisation or the routed scaling factor.
 
 The rule (DeepSeek-V2's): scores = softmax(x @ W.T) in fp32; group-limited: only experts of the
 `topk_group` groups with the highest best score compete; the K best scores are the weights,
@@ -11,19 +12,54 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dot_operands import DOT_DTYPES, dot_operands
+
 BLOCK_T = 16  # tokens per program
+MAX_TILE_ELEMENTS = 8192  # router weight elements per dot (BLOCK_E x BLOCK_K): no spills
+MAX_SPLITS = 16  # K splits of the logits GEMM: 8 token blocks x 16 = 128 programs at batch 128
 
 
 @triton.jit(do_not_specialize=["num_tokens"])  # one compile for every batch size
-def _moe_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, logits_stride,
-                     scaling, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr,
+def _router_logits_kernel(x_ptr, w_ptr, partial_ptr, num_tokens, num_experts, hidden_size,
+                          x_stride, w_stride, split_stride, k_per_split,
+                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """partial[s, t, e] = sum over split s's k_per_split columns of x[t, k] * w[e, k], in fp32."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    split = tl.program_id(1)
+    experts = tl.arange(0, BLOCK_E)
+    ks = tl.arange(0, BLOCK_K)
+    token_mask, expert_mask = tokens < num_tokens, experts < num_experts
+    x_rows = x_ptr + tokens[:, None].to(tl.int64) * x_stride
+    w_rows = w_ptr + experts[:, None] * w_stride
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    k_begin = split * k_per_split
+    for k_start in range(k_begin, tl.minimum(k_begin + k_per_split, hidden_size), BLOCK_K):
+        k_mask = (k_start + ks) < hidden_size
+        xk = tl.load(x_rows + k_start + ks[None, :],
+                     mask=token_mask[:, None] & k_mask[None, :], other=0.0)  # [BT, BK]
+        wk = tl.load(w_rows + k_start + ks[None, :],
+                     mask=expert_mask[:, None] & k_mask[None, :], other=0.0)  # [BE, BK]
+        acc = tl.dot(xk.to(DOT_DTYPE), tl.trans(wk.to(DOT_DTYPE)), acc,
+                     input_precision=DOT_PRECISION)
+    offsets = (split * split_stride + tokens[:, None].to(tl.int64) * num_experts
+               + experts[None, :])
+    tl.store(partial_ptr + offsets, acc, mask=token_mask[:, None] & expert_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every batch size
+def _moe_topk_kernel(partial_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, num_splits,
+                     split_stride, scaling, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr,
                      TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr,
                      BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
     token_mask, expert_mask = tokens < num_tokens, experts < num_experts
-    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * logits_stride + experts[None, :],
-                     mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
+    rows = tokens[:, None].to(tl.int64) * num_experts + experts[None, :]
+    logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for split in range(0, num_splits):  # in order (deterministic)
+        logits += tl.load(partial_ptr + split * split_stride + rows,
+                          mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
     logits = tl.where(expert_mask[None, :], logits, float("-inf"))  # [BT, BE]
     exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     scores = exp / tl.sum(exp, axis=1)[:, None]  # [BT, BE]; 0 for padding experts
@@ -63,14 +99,6 @@ def _moe_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, 
     tl.store(ids_ptr + offsets, top_ids, mask=mask)
 
 
-def _router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
-    """x @ gate_weight.T in fp32 [T, E]. 16-bit operands go to cuBLAS as they are with an fp32
-    result (products exact, fp32 sums: the fp32 GEMM of the upcast values, without two casts)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype:
-        return torch.mm(x, gate_weight.t(), out_dtype=torch.float32)
-    return torch.nn.functional.linear(x.float(), gate_weight.float())
-
-
 def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups: int,
               topk_group: int, renormalize: bool, scaling: float
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,14 +114,29 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
                          f"{num_experts} experts")
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
-    if num_tokens:
-        logits = _router_logits(x, gate_weight)  # [T, E]
-        _moe_topk_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
-            logits, weights, ids, num_tokens, num_experts, logits.stride(0), scaling,
-            TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
-            TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
-            BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T,
-            BLOCK_E=max(16, triton.next_power_of_2(num_experts)), num_warps=4)
+    if not num_tokens:
+        return weights, ids
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    block_k = max(16, min(MAX_TILE_ELEMENTS // block_e, triton.next_power_of_2(hidden_size)))
+    num_token_blocks = triton.cdiv(num_tokens, BLOCK_T)
+    # splits from the shapes alone, not the batch: a token's logits are the same in any batch
+    k_per_split = triton.cdiv(triton.cdiv(hidden_size, MAX_SPLITS), block_k) * block_k
+    num_splits = triton.cdiv(hidden_size, k_per_split)
+    partial = torch.empty(num_splits, num_tokens, num_experts, dtype=torch.float32,
+                          device=x.device)  # [S, T, E]
+    # mixed or other dtypes: both operands in fp32 (the rule's fp32 logits)
+    same = x.dtype == gate_weight.dtype and x.dtype in DOT_DTYPES
+    dot_dtype, precision = dot_operands(x.dtype if same else torch.float32)
+    _router_logits_kernel[(num_token_blocks, num_splits)](
+        x, gate_weight, partial, num_tokens, num_experts, hidden_size, x.stride(0),
+        gate_weight.stride(0), partial.stride(0), k_per_split, BLOCK_T=BLOCK_T, BLOCK_E=block_e,
+        BLOCK_K=block_k, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4)
+    _moe_topk_kernel[(num_token_blocks,)](
+        partial, weights, ids, num_tokens, num_experts, num_splits, partial.stride(0), scaling,
+        TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
+        TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
+        BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T, BLOCK_E=block_e,
+        num_warps=4)
     return weights, ids
 
 

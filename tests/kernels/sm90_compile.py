@@ -28,10 +28,15 @@ CASES = {
                       {"BLOCK_C": 512, "BLOCK_H": 16, "BLOCK_R": 32}, {"num_warps": 4}),
     **{f"moe_topk_e{block_e}": (
         "kernels.moe_router:_moe_topk_kernel",
-        {"logits_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64},
+        {"partial_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64},
         {"TOP_K": 6, "NUM_GROUPS": 1, "TOPK_GROUP": 1, "RENORMALIZE": False, "BLOCK_TOP_K": 8,
          "BLOCK_T": 16, "BLOCK_E": block_e}, {"num_warps": 4})
        for block_e in (64, 256)},  # DeepSeek-V2-Lite, V2
+    **{f"router_logits_e{block_e}": (
+        "kernels.moe_router:_router_logits_kernel", {"partial_ptr": FP32},
+        {"BLOCK_T": 16, "BLOCK_E": block_e, "BLOCK_K": 8192 // block_e,
+         "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"}, {"num_warps": 4})
+       for block_e in (64, 256)},
     "moe_align": ("kernels.fused_moe:_align_kernel",
                   {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
                   {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024}, {}),

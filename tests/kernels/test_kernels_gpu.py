@@ -144,8 +144,8 @@ def test_paged_decode_gqa(dtype):
     (64, 2000, torch.float16)])
 def test_moe_router(num_tokens, num_groups, topk_group, renormalize, num_experts, hidden_size,
                     dtype):
-    """Top-6 routing and a grouped variant in 16 bits. The logits: a 16-bit cuBLAS GEMM with
-    fp32 output against the reference's fp32 GEMM; tensor-core fp32 sums are not IEEE-exact
+    """Top-6 routing and a grouped variant in 16 bits. The logits: a split-K GEMM of 16-bit
+    tensor-core dots against the reference's fp32 GEMM; tensor-core fp32 sums are not IEEE-exact
     (weights agreed to 2.5e-5 relative at K=5120), hence rtol 1e-4."""
     from kernels.moe_router import moe_route, moe_route_ref
     gen = torch.Generator(device="cuda").manual_seed(num_tokens)
@@ -159,6 +159,17 @@ def test_moe_router(num_tokens, num_groups, topk_group, renormalize, num_experts
     assert torch.equal(got_ids.gather(1, got_order), ref_ids.gather(1, ref_order))
     torch.testing.assert_close(got_w.gather(1, got_order), ref_w.gather(1, ref_order),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_moe_router_batch_invariant():
+    """DeepSeek-V2-Lite routing of 128 tokens, then of rows 37..45 alone: the same bits."""
+    from kernels.moe_router import moe_route
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(128, 2048, device="cuda", generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(64, 2048, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    batch_w, batch_ids = moe_route(x, weight, 6, 1, 1, False, 1.0)
+    alone_w, alone_ids = moe_route(x[37:46].clone(), weight, 6, 1, 1, False, 1.0)
+    assert torch.equal(alone_ids, batch_ids[37:46]) and torch.equal(alone_w, batch_w[37:46])
 
 
 @pytest.mark.parametrize("num_tokens,intermediate_size", [(1, 2816), (128, 1408), (77, 10944)])

@@ -29,6 +29,44 @@ def test_matches_reference(num_experts, top_k, num_groups, topk_group, renormali
         assert all(len(set(row.tolist())) <= topk_group for row in groups)
 
 
+@pytest.mark.parametrize("num_experts,hidden_size,dtype", [
+    (64, 300, torch.bfloat16),  # three K splits of 128 columns, the last one 44 wide
+    (160, 200, torch.float32),  # 256-wide expert tiles: splits of 32 columns
+    (12, 80, torch.float16)])
+def test_split_k_logits(num_experts, hidden_size, dtype):
+    """The logits summed over K splits, in order, in fp32; 40 tokens: three token blocks."""
+    g = torch.Generator().manual_seed(hidden_size)
+    x = torch.randn(40, hidden_size, generator=g).to(dtype)
+    weight = (torch.randn(num_experts, hidden_size, generator=g) * 0.1).to(dtype)
+    args = (4, 1, 1, True, 1.0)
+    got_w, got_ids = _sorted(*moe_route(x, weight, *args))
+    ref_w, ref_ids = _sorted(*moe_route_ref(x, weight, *args))
+    assert torch.equal(got_ids, ref_ids)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tokens_routing_does_not_depend_on_its_batch():
+    """The K splits come from the shapes alone: 7 tokens routed alone or among 40 get the same
+    bits (a single launch config per batch would otherwise change the fp32 sums' order)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 300, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(64, 300, generator=g) * 0.1).to(torch.bfloat16)
+    batch_w, batch_ids = moe_route(x, weight, 6, 1, 1, False, 1.0)
+    alone_w, alone_ids = moe_route(x[17:24].clone(), weight, 6, 1, 1, False, 1.0)
+    assert torch.equal(alone_ids, batch_ids[17:24]) and torch.equal(alone_w, batch_w[17:24])
+
+
+def test_mixed_dtypes_use_fp32():
+    """A bf16 input with an fp32 router weight: the weight is not rounded to bf16."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 64, generator=g).to(torch.bfloat16)
+    weight = torch.randn(8, 64, generator=g) * 0.3
+    got_w, got_ids = _sorted(*moe_route(x, weight, 2, 1, 1, False, 1.0))
+    ref_w, ref_ids = _sorted(*moe_route_ref(x, weight, 2, 1, 1, False, 1.0))
+    assert torch.equal(got_ids, ref_ids)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+
+
 def test_strided_rows_and_empty_batch():
     x = torch.randn(5, 128)[:, :64]
     weight = torch.randn(16, 64)
