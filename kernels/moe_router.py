@@ -48,16 +48,16 @@ def _router_logits_kernel(x_ptr, w_ptr, partial_ptr, num_tokens, num_experts, hi
 
 
 @triton.jit(do_not_specialize=["num_tokens"])  # one compile for every batch size
-def _moe_topk_kernel(partial_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, num_splits,
-                     split_stride, scaling, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr,
-                     TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr,
+def _moe_topk_kernel(partial_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, split_stride,
+                     scaling, NUM_SPLITS: tl.constexpr, TOP_K: tl.constexpr,
+                     NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr,
                      BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
     token_mask, expert_mask = tokens < num_tokens, experts < num_experts
     rows = tokens[:, None].to(tl.int64) * num_experts + experts[None, :]
     logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for split in range(0, num_splits):  # in order (deterministic)
+    for split in tl.static_range(NUM_SPLITS):  # in order; unrolled: the loads issue at once
         logits += tl.load(partial_ptr + split * split_stride + rows,
                           mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
     logits = tl.where(expert_mask[None, :], logits, float("-inf"))  # [BT, BE]
@@ -132,8 +132,8 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
         gate_weight.stride(0), partial.stride(0), k_per_split, BLOCK_T=BLOCK_T, BLOCK_E=block_e,
         BLOCK_K=block_k, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4)
     _moe_topk_kernel[(num_token_blocks,)](
-        partial, weights, ids, num_tokens, num_experts, num_splits, partial.stride(0), scaling,
-        TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
+        partial, weights, ids, num_tokens, num_experts, partial.stride(0), scaling,
+        NUM_SPLITS=num_splits, TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
         TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
         BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T, BLOCK_E=block_e,
         num_warps=4)

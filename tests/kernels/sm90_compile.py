@@ -29,8 +29,8 @@ CASES = {
     **{f"moe_topk_e{block_e}": (
         "kernels.moe_router:_moe_topk_kernel",
         {"partial_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64},
-        {"TOP_K": 6, "NUM_GROUPS": 1, "TOPK_GROUP": 1, "RENORMALIZE": False, "BLOCK_TOP_K": 8,
-         "BLOCK_T": 16, "BLOCK_E": block_e}, {"num_warps": 4})
+        {"NUM_SPLITS": 16, "TOP_K": 6, "NUM_GROUPS": 1, "TOPK_GROUP": 1, "RENORMALIZE": False,
+         "BLOCK_TOP_K": 8, "BLOCK_T": 16, "BLOCK_E": block_e}, {"num_warps": 4})
        for block_e in (64, 256)},  # DeepSeek-V2-Lite, V2
     **{f"router_logits_e{block_e}": (
         "kernels.moe_router:_router_logits_kernel", {"partial_ptr": FP32},
