@@ -14,10 +14,6 @@ from kernels.fused_moe import (GemmTiles, MoeConfig, _weight_desc, align_pairs, 
                                moe_config)
 from runner.models.layers.moe import fused_moe
 
-# The interpreter warns when a loop bound comes from a kernel argument (NumPy deprecation).
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning")
-
 
 def _moe_f64(x, w13, w2, topk_ids, topk_weights):
     """sum_k w[t, k] * down_e(silu(gate_e x_t) * up_e x_t) in float64, skipping ids outside E."""

@@ -7,10 +7,6 @@ import torch
 
 from kernels.paged_decode import DecodeConfig, paged_decode, paged_decode_ref
 
-# The interpreter warns when a loop bound comes from a kernel argument (NumPy deprecation).
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning")
-
 
 def _decode_case(seq_lens, num_heads, num_kv_heads, head_dim_k, head_dim_v, mla, block_size,
                  dtype=torch.float32, seed=0):

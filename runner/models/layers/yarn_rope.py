@@ -8,8 +8,6 @@ import math
 import torch
 from torch import nn
 
-from kernels.rotary import rotary, rotary_ref
-
 from runner.errors import RunnerError
 
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
@@ -106,12 +104,3 @@ class DeepseekRotaryEmbedding(nn.Module):
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x [T, H, D] by cos/sin [T, D/2]; in fp32
-    (one Triton launch on a GPU). `out`: write there (a [T, H, D] view of a wider buffer)."""
-    if x.is_cuda and x.stride(-1) == 1:
-        return rotary(x, cos, sin, interleaved=True, out=out)
-    rotated = rotary_ref(x, cos, sin, interleaved=True)
-    return rotated if out is None else out.copy_(rotated)
