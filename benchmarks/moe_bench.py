@@ -1,7 +1,6 @@
 """Decode MoE layer on one GPU: the Triton fused MoE vs the torch fused_moe (torch._grouped_mm),
 bf16, DeepSeek-V2-Lite shapes, seeded uniform top-K routing, timed as CUDA graph replays; TB/s
-counts the expert weights touched. `--tune` sweeps tiles per batch (and TMA or pointer loads of
-the weights) for kernels/fused_moe.py.
+counts the expert weights touched. `--tune` sweeps tiles per batch for kernels/fused_moe.py.
 
     python benchmarks/moe_bench.py [--tune] [--out results.json]
 (the torch path imports runner/, which needs hydra-core: carry the .whl wheels on the GPU image)
@@ -29,7 +28,6 @@ NUM_LAYERS = 4  # distinct weights per timed call, so the L2 cache cannot hold a
 TUNE_BLOCK_K = (64, 128, 256)
 TUNE_WARPS = (4,)
 TUNE_STAGES = (3, 4)
-TUNE_TMA = (False, True)  # weight tiles by pointer loads or by TMA descriptors
 TUNE_BLOCK_N = {"gate_up": (16, 32, 64, 128), "down": (32, 64, 128, 256)}
 COMPILE_WORKERS = 8
 
@@ -67,7 +65,7 @@ def tune_candidates(base: MoeConfig, num_tokens: int) -> dict[int, dict[str, lis
     each GEMM."""
     block_ms = [m for m in (16, 32, 64) if m == 16 or m <= num_tokens // 4]
     return {block_m: {gemm: [GemmTiles(*tiles) for tiles in itertools.product(
-        block_ns, TUNE_BLOCK_K, TUNE_WARPS, TUNE_STAGES, TUNE_TMA)] for gemm, block_ns in
+        block_ns, TUNE_BLOCK_K, TUNE_WARPS, TUNE_STAGES)] for gemm, block_ns in
         TUNE_BLOCK_N.items()} for block_m in block_ms}
 
 
@@ -178,8 +176,7 @@ def print_tuned_configs(rows: list[dict]) -> None:
             if r["intermediate_size"] == intermediate_size:
                 c = r["tuned_config"]
                 tiles = ", ".join(f"GemmTiles({t['block_n']}, {t['block_k']}, {t['num_warps']}, "
-                                  f"{t['num_stages']}{', tma=True' if t['tma'] else ''})"
-                                  for t in (c["gate_up"], c["down"]))
+                                  f"{t['num_stages']})" for t in (c["gate_up"], c["down"]))
                 print(f"    ({r['batch']}, MoeConfig({c['block_m']}, {tiles})),")
 
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.dot_operands import DOT_DTYPES, dot_operands, interpreting
 
@@ -20,7 +19,6 @@ class GemmTiles:
     block_k: int
     num_warps: int
     num_stages: int
-    tma: bool = False  # weight tiles through TMA descriptors (Hopper), else pointer loads
 
 
 @dataclass(frozen=True)
@@ -109,13 +107,12 @@ def _align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, num_e
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # one compile for every batch size
-def _gate_up_kernel(x_ptr, w13_ptr, w13_desc, act_ptr, sorted_pairs_ptr, block_experts_ptr,
+def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr,
                     num_pairs, top_k, hidden_size, intermediate_size,
                     x_stride_t, x_stride_h, w_stride_e, w_stride_n, w_stride_k, act_stride_r,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """act[rows, cols] = silu(x_t @ gate_e.T) * (x_t @ up_e.T) for one block of pair rows.
-    w13_desc (None: pointer loads): w13 as [E * 2I, H] rows, [BLOCK_N, BLOCK_K] tiles by TMA."""
+    """act[rows, cols] = silu(x_t @ gate_e.T) * (x_t @ up_e.T) for one block of pair rows."""
     block = tl.program_id(0)
     expert = tl.load(block_experts_ptr + block)
     if expert < 0:
@@ -133,14 +130,9 @@ def _gate_up_kernel(x_ptr, w13_ptr, w13_desc, act_ptr, sorted_pairs_ptr, block_e
     up_ptrs = gate_ptrs + intermediate_size * w_stride_n
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    gate_row = expert * 2 * intermediate_size + tl.program_id(1) * BLOCK_N  # in w13_desc
     for k_start in range(0, hidden_size, BLOCK_K):
         k_mask = ks < hidden_size - k_start
-        if w13_desc is not None:  # rows past the tile's columns and K past H are never stored
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            gate = tl.trans(w13_desc.load([gate_row, k_start]))
-            up = tl.trans(w13_desc.load([gate_row + intermediate_size, k_start]))
-        elif EVEN_K:
+        if EVEN_K:
             x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
             gate = tl.load(gate_ptrs, mask=col_mask[None, :], other=0.0)
             up = tl.load(up_ptrs, mask=col_mask[None, :], other=0.0)
@@ -160,13 +152,12 @@ def _gate_up_kernel(x_ptr, w13_ptr, w13_desc, act_ptr, sorted_pairs_ptr, block_e
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _down_kernel(act_ptr, w2_ptr, w2_desc, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr,
+def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr,
                  weights_ptr, num_pairs, hidden_size, intermediate_size,
                  act_stride_r, w_stride_e, w_stride_n, w_stride_k, out_stride_p,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """pair_out[pair, cols] = weight[pair] * (act[row] @ down_e.T) for one block of pair rows.
-    w2_desc (None: pointer loads): w2 as [E * H, I] rows, [BLOCK_N, BLOCK_K] tiles by TMA."""
+    """pair_out[pair, cols] = weight[pair] * (act[row] @ down_e.T) for one block of pair rows."""
     block = tl.program_id(0)
     expert = tl.load(block_experts_ptr + block)
     if expert < 0:
@@ -181,13 +172,8 @@ def _down_kernel(act_ptr, w2_ptr, w2_desc, pair_out_ptr, sorted_pairs_ptr, block
     w_ptrs = (w2_ptr + expert.to(tl.int64) * w_stride_e + cols[None, :] * w_stride_n
               + ks[:, None] * w_stride_k)  # [BK, BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    w_row = expert * hidden_size + tl.program_id(1) * BLOCK_N  # in w2_desc
     for k_start in range(0, intermediate_size, BLOCK_K):
-        if w2_desc is not None:
-            k_mask = ks < intermediate_size - k_start
-            act = tl.load(act_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.trans(w2_desc.load([w_row, k_start]))
-        elif EVEN_K:
+        if EVEN_K:
             act = tl.load(act_ptrs)
             w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
         else:
@@ -254,17 +240,6 @@ def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                          f"stride on {x.device}, got {tuple(add.shape)} on {add.device}")
 
 
-def _weight_desc(w: torch.Tensor, tiles: GemmTiles) -> TensorDescriptor | None:
-    """w [E, N, K] as [E * N, K] rows with [block_n, block_k] TMA tiles, or None (pointer loads:
-    tiles.tma off, or a layout TMA cannot address)."""
-    num_rows, row_size = w.shape[0] * w.shape[1], w.shape[2]
-    if (not tiles.tma or not w.is_contiguous() or w.data_ptr() % 16
-            or row_size * w.element_size() % 16):
-        return None
-    return TensorDescriptor(w, [num_rows, row_size], [row_size, 1],
-                            [tiles.block_n, tiles.block_k])
-
-
 def _wait(event: torch.cuda.Event | None, device: torch.device) -> None:
     """Order the device's current stream's next work after `event` (no host wait)."""
     if event is not None:
@@ -323,14 +298,14 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     dot_dtype, precision = dot_operands(x.dtype)
     tiles = cfg.gate_up
     _gate_up_kernel[(max_blocks, triton.cdiv(intermediate_size, tiles.block_n))](
-        x, w13, _weight_desc(w13, tiles), act, sorted_pairs, block_experts, num_pairs, top_k,
+        x, w13, act, sorted_pairs, block_experts, num_pairs, top_k,
         hidden_size, intermediate_size, *x.stride(), *w13.stride(), act.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=hidden_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     tiles = cfg.down
     _down_kernel[(max_blocks, triton.cdiv(hidden_size, tiles.block_n))](
-        act, w2, _weight_desc(w2, tiles), pair_out, sorted_pairs, block_experts, flat_weights,
+        act, w2, pair_out, sorted_pairs, block_experts, flat_weights,
         num_pairs, hidden_size, intermediate_size, act.stride(0), *w2.stride(), pair_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,

@@ -1,7 +1,6 @@
 """Compile Triton kernels for the H200 (sm_90) without a GPU: `python tests/kernels/sm90_compile.py`
 prints {case: error or ""} as JSON. Run with TRITON_INTERPRET=0 (test_sm90_compile.py does)."""
 import importlib
-import itertools
 import json
 import sys
 import traceback
@@ -58,27 +57,20 @@ MOE_GEMM_POINTERS = {
 }
 
 
-MOE_WEIGHT_DESCRIPTORS = {"_gate_up_kernel": "w13_desc", "_down_kernel": "w2_desc"}
-
-
 def moe_gemm_cases() -> dict:
     """The fused MoE's two GEMM kernels with the tiles moe_config picks on the H200 (with
-    TRITON_INTERPRET=0) for a 128-token decode batch and for the largest Triton prefill, with
-    pointer loads of the weights and with TMA descriptors (the tune's other option)."""
+    TRITON_INTERPRET=0) for a 128-token decode batch and for the largest Triton prefill."""
     from kernels.fused_moe import moe_config
     from runner.models.layers.moe import MAX_TRITON_MOE_TOKENS
     cases = {}
-    for num_tokens, tma in itertools.product((128, MAX_TRITON_MOE_TOKENS), (False, True)):
+    for num_tokens in (128, MAX_TRITON_MOE_TOKENS):
         config = moe_config(num_tokens, 64, 2048, 1408, torch.bfloat16)
         for kernel, tiles in (("_gate_up_kernel", config.gate_up), ("_down_kernel", config.down)):
-            desc = MOE_WEIGHT_DESCRIPTORS[kernel]
-            pointers = {**MOE_GEMM_POINTERS[kernel],
-                        desc: f"tensordesc<bf16[{tiles.block_n}, {tiles.block_k}]>"}
             constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": tiles.block_n,
                           "BLOCK_K": tiles.block_k, "EVEN_K": True, "DOT_DTYPE": tl.bfloat16,
-                          "DOT_PRECISION": "tf32", **({} if tma else {desc: None})}
-            cases[f"moe{kernel[:-7]}_{num_tokens}{'_tma' if tma else ''}"] = (
-                f"kernels.fused_moe:{kernel}", pointers, constexprs,
+                          "DOT_PRECISION": "tf32"}
+            cases[f"moe{kernel[:-7]}_{num_tokens}"] = (
+                f"kernels.fused_moe:{kernel}", MOE_GEMM_POINTERS[kernel], constexprs,
                 {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
     return cases
 
