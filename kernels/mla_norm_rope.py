@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rms_norm import rms_norm_ref
-from kernels.rotary import rotary_ref
+from kernels.rms_norm import rms_norm_ref, weighted_rms_norm
+from kernels.rotary import rotary_ref, rotate_pairs
 
 
 @triton.jit
@@ -22,36 +22,22 @@ def _mla_norm_rope_kernel(latent_ptr, k_pe_ptr, q_pe_ptr, weight_ptr, cos_ptr, s
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < latent_size
     x = tl.load(latent_ptr + t * latent_stride_t + cols, mask=col_mask, other=0.0)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / latent_size + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     kv_row = kv_ptr + t * kv_stride_t
-    tl.store(kv_row + cols, (w * normed).to(kv_ptr.dtype.element_ty), mask=col_mask)
+    normed = weighted_rms_norm(x, weight_ptr, cols, col_mask, latent_size, eps)
+    tl.store(kv_row + cols, normed.to(kv_ptr.dtype.element_ty), mask=col_mask)
 
     pairs = tl.arange(0, BLOCK_R)
     pair_mask = pairs < half_rope
     cos = tl.load(cos_ptr + t * cs_stride_t + pairs, mask=pair_mask, other=0.0)
     sin = tl.load(sin_ptr + t * cs_stride_t + pairs, mask=pair_mask, other=0.0)
-    k_row = k_pe_ptr + t * k_pe_stride_t
-    a = tl.load(k_row + 2 * pairs, mask=pair_mask, other=0.0)
-    b = tl.load(k_row + 2 * pairs + 1, mask=pair_mask, other=0.0)
-    af, bf = a.to(tl.float32), b.to(tl.float32)
-    k_out = kv_row + latent_size  # the rope part follows the latent in the cache row
-    tl.store(k_out + 2 * pairs, (af * cos - bf * sin).to(a.dtype), mask=pair_mask)
-    tl.store(k_out + 2 * pairs + 1, (bf * cos + af * sin).to(a.dtype), mask=pair_mask)
-
+    # the key's rope part follows the latent in the cache row
+    rotate_pairs(k_pe_ptr + t * k_pe_stride_t, kv_row + latent_size, 2 * pairs, 2 * pairs + 1,
+                 cos, sin, pair_mask)
     heads = tl.arange(0, BLOCK_H)[:, None]
-    mask = (heads < num_heads) & pair_mask[None, :]
-    q_row = q_pe_ptr + t * q_stride_t + heads * q_stride_h
-    a = tl.load(q_row + 2 * pairs[None, :], mask=mask, other=0.0)
-    b = tl.load(q_row + 2 * pairs[None, :] + 1, mask=mask, other=0.0)
-    af, bf = a.to(tl.float32), b.to(tl.float32)
-    q_dest = q_out_ptr + t * q_out_stride_t + heads * q_out_stride_h
-    tl.store(q_dest + 2 * pairs[None, :], (af * cos[None, :] - bf * sin[None, :]).to(a.dtype),
-             mask=mask)
-    tl.store(q_dest + 2 * pairs[None, :] + 1,
-             (bf * cos[None, :] + af * sin[None, :]).to(a.dtype), mask=mask)
+    rotate_pairs(q_pe_ptr + t * q_stride_t + heads * q_stride_h,
+                 q_out_ptr + t * q_out_stride_t + heads * q_out_stride_h, 2 * pairs[None, :],
+                 2 * pairs[None, :] + 1, cos[None, :], sin[None, :],
+                 (heads < num_heads) & pair_mask[None, :])
 
 
 def _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out) -> None:

@@ -10,6 +10,16 @@ import triton.language as tl
 
 
 @triton.jit
+def weighted_rms_norm(x, weight_ptr, cols, mask, size, eps):
+    """weight * normalized row x ([BLOCK], loaded, padding 0) in fp32, the normalized row rounded
+    to x's dtype first (a device function of this and the MLA prologue kernel)."""
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / size + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    return tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidden_size, eps,
                      x_stride, residual_stride, out_stride, sum_stride,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
@@ -21,11 +31,8 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidden_s
         r = tl.load(residual_ptr + row * residual_stride + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(sum_ptr + row * sum_stride + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / hidden_size + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, (w * normed).to(x.dtype), mask=mask)
+    out = weighted_rms_norm(x, weight_ptr, cols, mask, hidden_size, eps)
+    tl.store(out_ptr + row * out_stride + cols, out.to(x.dtype), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -10,6 +10,17 @@ import triton.language as tl
 
 
 @triton.jit
+def rotate_pairs(src_ptr, dest_ptr, first, second, cos, sin, mask):
+    """Rotate the pairs (src[first], src[second]) by cos/sin in fp32 into dest[first],
+    dest[second], in src's dtype (a device function of this and the MLA prologue kernel)."""
+    a = tl.load(src_ptr + first, mask=mask, other=0.0)
+    b = tl.load(src_ptr + second, mask=mask, other=0.0)
+    af, bf = a.to(tl.float32), b.to(tl.float32)
+    tl.store(dest_ptr + first, (af * cos - bf * sin).to(a.dtype), mask=mask)
+    tl.store(dest_ptr + second, (bf * cos + af * sin).to(a.dtype), mask=mask)
+
+
+@triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, half_dim,
                    x_stride_t, x_stride_h, cs_stride_t, out_stride_t, out_stride_h,
                    INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -21,15 +32,10 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, half_dim,
         first, second = 2 * pairs, 2 * pairs + 1
     else:
         first, second = pairs, pairs + half_dim
-    row = x_ptr + t * x_stride_t + heads * x_stride_h
-    a = tl.load(row + first, mask=mask, other=0.0)
-    b = tl.load(row + second, mask=mask, other=0.0)
     cos = tl.load(cos_ptr + t * cs_stride_t + pairs, mask=pairs < half_dim, other=0.0)
     sin = tl.load(sin_ptr + t * cs_stride_t + pairs, mask=pairs < half_dim, other=0.0)
-    af, bf = a.to(tl.float32), b.to(tl.float32)
-    dest = out_ptr + t * out_stride_t + heads * out_stride_h
-    tl.store(dest + first, (af * cos - bf * sin).to(a.dtype), mask=mask)
-    tl.store(dest + second, (bf * cos + af * sin).to(a.dtype), mask=mask)
+    rotate_pairs(x_ptr + t * x_stride_t + heads * x_stride_h,
+                 out_ptr + t * out_stride_t + heads * out_stride_h, first, second, cos, sin, mask)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,

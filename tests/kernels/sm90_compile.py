@@ -22,6 +22,10 @@ CASES = {
     "greedy_summary": ("kernels.greedy_summary:_greedy_summary_kernel",
                        {"logits_ptr": FP32, "out_ptr": "*fp64"}, {"BLOCK": 4096}, {}),
     "silu_mul": ("kernels.silu_mul:_silu_mul_kernel", {}, {"BLOCK": 1024}, {}),
+    "rms_norm": ("kernels.rms_norm:_rms_norm_kernel", {}, {"HAS_RESIDUAL": True, "BLOCK": 2048},
+                 {}),
+    "rotary": ("kernels.rotary:_rotary_kernel", {"cos_ptr": FP32, "sin_ptr": FP32},
+               {"INTERLEAVED": False, "BLOCK_H": 16, "BLOCK_D": 64}, {}),  # Qwen2.5's rope
     "mla_norm_rope": ("kernels.mla_norm_rope:_mla_norm_rope_kernel",
                       {"cos_ptr": FP32, "sin_ptr": FP32},
                       {"BLOCK_C": 512, "BLOCK_H": 16, "BLOCK_R": 32}, {"num_warps": 4}),
