@@ -47,7 +47,7 @@ tune)
 profile1)
   CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
   CUDA_VISIBLE_DEVICES=0 step profile_tp1_ctx258 150 python3 benchmarks/step_profile.py --prompt-len 230
-  grep -A40 '^step' $OUT/profile_tp1.log; grep -A8 '^step' $OUT/profile_tp1_ctx258.log ;;
+  grep -A12 '^step' $OUT/profile_tp1.log; grep -A80 '^step' $OUT/profile_tp1_ctx258.log ;;
 profiles)
   CUDA_VISIBLE_DEVICES=0 step profile_tp1 150 python3 benchmarks/step_profile.py
   step profile_dcp2_fused 150 python3 benchmarks/step_profile.py parallel.dcp=2

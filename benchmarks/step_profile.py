@@ -14,8 +14,10 @@ collective time) and its top kernels.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
 
@@ -57,12 +59,49 @@ def _time_steps(runner) -> float:
     return _median(wall)
 
 
+def _busy_ms(kernels: list[dict]) -> float:
+    """GPU time covered by at least one kernel (the union of their intervals), in ms."""
+    busy, end = 0.0, float("-inf")
+    for k in sorted(kernels, key=lambda k: k["ts"]):
+        start, stop = k["ts"], k["ts"] + k["dur"]
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy / 1e3
+
+
+def _layer_timeline(kernels: list[dict]) -> list[str]:
+    """One decoder layer in the middle of a step, kernel by kernel in start order: offset from the
+    layer's first kernel, duration, stream, and the GPU idle time before it (us)."""
+    kernels = sorted(kernels, key=lambda k: k["ts"])
+    marks = [i for i, k in enumerate(kernels) if "norm_rope" in k["name"]]
+    if len(marks) < 12:
+        return []
+    first, last = marks[len(marks) // 2], marks[len(marks) // 2 + 1]
+    t0, end = kernels[first]["ts"], kernels[first - 1]["ts"] + kernels[first - 1]["dur"]
+    lines = ["one layer (us: start, duration, idle before, stream, kernel):"]
+    for k in kernels[first:last]:
+        lines.append(f"  {k['ts'] - t0:7.1f} {k['dur']:6.1f} {max(0.0, k['ts'] - end):5.1f} "
+                     f"{k['tid']!s:>3} {k['name'][:80]}")
+        end = max(end, k["ts"] + k["dur"])
+    return lines
+
+
+def _trace_kernels(prof) -> list[dict]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    return [e for e in trace["traceEvents"] if e.get("cat") == "kernel"]
+
+
 def _profile_steps(runner) -> tuple[dict[str, float], float, list[str]]:
-    """Kernel ms per step by category, kernels per step, the top-kernel lines."""
+    """Kernel ms per step by category, kernels per step, the top-kernel lines (with the GPU's busy
+    time per step and one layer's timeline)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(NUM_PROFILED_STEPS):
             runner.step()
         torch.cuda.synchronize()
+    kernels = _trace_kernels(prof)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     per_category, launches = defaultdict(float), 0
     for e in events:
@@ -71,7 +110,8 @@ def _profile_steps(runner) -> tuple[dict[str, float], float, list[str]]:
     top = [f"  {e.count / NUM_PROFILED_STEPS:6.0f} "
            f"{e.device_time_total / 1e3 / NUM_PROFILED_STEPS:7.3f}  {e.key[:90]}"
            for e in sorted(events, key=lambda e: -e.device_time_total)[:30]]
-    return per_category, launches / NUM_PROFILED_STEPS, top
+    busy = [f"GPU busy (union of kernels) {_busy_ms(kernels) / NUM_PROFILED_STEPS:.2f} ms per step"]
+    return per_category, launches / NUM_PROFILED_STEPS, top + busy + _layer_timeline(kernels)
 
 
 def _report(wall: float, per_category: dict[str, float], num_kernels: float,

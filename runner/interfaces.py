@@ -44,6 +44,9 @@ class ModelLoader(Protocol):  # conf/model
 @runtime_checkable
 class AttentionBackend(Protocol):  # conf/attention
     returns_lse: bool  # DCP needs the natural-log LSE of partial attention
+    # rank-local context bounds at which decode launches differently (CUDA graphs capture each
+    # batch size once per bound, and once at the longest context)
+    decode_length_buckets: tuple[int, ...]
 
     def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:
         """Shape of one layer's cache tensor."""
@@ -89,10 +92,10 @@ class BlockTable(Protocol):  # conf/block_table
 
 @runtime_checkable
 class GraphCapturer(Protocol):  # conf/graph
-    uses_static_max_len: bool  # attention must use the buffers' static length bound
-
-    def capture(self, step_fn: Callable[[StepInputs], Any], buffers: DecodeBuffers) -> None:
-        """Record decode steps over the persistent buffers (eager: just keep `step_fn`)."""
+    def capture(self, step_fn: Callable[[StepInputs], Any], buffers: DecodeBuffers,
+                length_buckets: tuple[int, ...] = ()) -> None:
+        """Record decode steps over the persistent buffers (eager: just keep `step_fn`), once
+        per length bucket (a bound on the batch's rank-local context) and at the longest."""
 
     def padded_size(self, num_reqs: int) -> int:
         """The batch size a decode step of `num_reqs` requests runs at."""

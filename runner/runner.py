@@ -57,7 +57,8 @@ class Runner:
         self._inflight: InflightStep | None = None  # a launched decode step not yet read
         if device.type == "cuda":
             self.warm_up_prefill(min(max_num_batched_tokens, MAX_WARM_UP_TOKENS))
-        self.graph.capture(self._decode_step, self.decode_buffers)
+        self.graph.capture(self._decode_step, self.decode_buffers,
+                           tuple(getattr(attention, "decode_length_buckets", ())))
 
     def warm_up_prefill(self, max_tokens: int) -> None:
         """Run the prefill path (storing nothing) at 1, 2, 4, ... tokens up to max_tokens, so
@@ -161,8 +162,7 @@ class Runner:
         num_reqs = len(batch.requests)
         num_padded = self.graph.padded_size(num_reqs)
         self.decode_buffers.stage(batch.requests, num_padded, sources)
-        max_len = (self.decode_buffers.max_local_seq_len if self.graph.uses_static_max_len else
-                   self.block_table.max_local_len(max(r.num_tokens for r in batch.requests)))
+        max_len = self.block_table.max_local_len(max(r.num_tokens for r in batch.requests))
         return self.graph.replay(self.decode_buffers.inputs(num_padded, max_len)).rows(num_reqs)
 
     def _hold(self, batch: ScheduledBatch, logits: StepLogits) -> InflightStep:

@@ -7,6 +7,8 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 
+from kernels.paged_decode import MAX_SHORT_CONTEXT
+
 SIZES = [1, 2, 4, 8]
 
 
@@ -26,15 +28,20 @@ def test_graph_replay_equals_eager_for_every_size(model):
     for length in (3, 17, 40, 5, 64, 9, 33, 2):
         runner.add_request(list(range(1, length + 1)), SamplingParams(max_tokens=8))
     runner.step()  # prefill of all eight
+    longest = runner.decode_buffers.max_local_seq_len
+    assert runner.graph.length_bounds == [MAX_SHORT_CONTEXT, longest]  # Triton's short bucket
     for num_reqs in (1, 3, 4, 7, 8):
         requests = runner.scheduler.running[:num_reqs]
         padded = runner.graph.padded_size(num_reqs)
         assert padded in SIZES and padded >= num_reqs
         runner.decode_buffers.stage(requests, padded)
-        inputs = runner.decode_buffers.inputs(padded, runner.decode_buffers.max_local_seq_len)
-        replayed = runner.graph.replay(inputs).logits[:num_reqs].clone()
-        eager = runner._decode_step(inputs).logits[:num_reqs]
-        torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+        for max_len in (max(r.num_tokens for r in requests), longest):  # each length bound
+            inputs = runner.decode_buffers.inputs(padded, max_len)
+            num_replayed = runner.graph.num_replayed
+            replayed = runner.graph.replay(inputs).logits[:num_reqs].clone()
+            assert runner.graph.num_replayed == num_replayed + 1
+            eager = runner._decode_step(inputs).logits[:num_reqs]
+            torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
     runner.shutdown()
 
 

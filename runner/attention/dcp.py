@@ -37,6 +37,10 @@ class DCPAttention:
         self.group = group
         self.comm = comm
 
+    @property
+    def decode_length_buckets(self) -> tuple[int, ...]:
+        return self.backend.decode_length_buckets  # rank-local lengths: the backend's own
+
     def kv_cache_shape(self, spec, num_blocks: int, block_size: int) -> tuple:
         return self.backend.kv_cache_shape(spec, num_blocks, block_size)
 

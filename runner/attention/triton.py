@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.kv_write import write_kv
-from kernels.paged_decode import paged_decode
+from kernels.paged_decode import MAX_SHORT_CONTEXT, paged_decode
 from runner.forward_context import AttentionMetadata, KVCacheSpec
 
 MAX_MASKED_PREFILL_TOKENS = 4096  # the largest dense [T, T] mask built
@@ -27,6 +27,7 @@ def one_masked_call(prompt_lengths: list[int]) -> bool:
 
 class TritonAttention:
     returns_lse = True  # decode; prefill returns lse None (nothing combines prefill outputs)
+    decode_length_buckets = (MAX_SHORT_CONTEXT,)  # short contexts: other decode tiles
 
     def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:
         per_tensor = (num_blocks, block_size, spec.num_kv_heads, spec.head_size)
@@ -58,4 +59,5 @@ class TritonAttention:
         return out, None
 
     def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        return paged_decode(q, k_cache, v_cache, meta.block_table, meta.local_seq_lens, scale)
+        return paged_decode(q, k_cache, v_cache, meta.block_table, meta.local_seq_lens, scale,
+                            max_seq_len=meta.max_local_seq_len)

@@ -7,9 +7,8 @@ from runner.step_inputs import DecodeBuffers, StepInputs
 
 
 class EagerGraph:
-    uses_static_max_len = False  # attention may use the batch's own length bound
-
-    def capture(self, step_fn: Callable[[StepInputs], Any], buffers: DecodeBuffers) -> None:
+    def capture(self, step_fn: Callable[[StepInputs], Any], buffers: DecodeBuffers,
+                length_buckets: tuple[int, ...] = ()) -> None:
         self._step_fn = step_fn
 
     def padded_size(self, num_reqs: int) -> int:

@@ -103,6 +103,22 @@ def test_paged_decode_mla_bf16(batch, max_context, num_splits):
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [96, 128, 256])
+def test_paged_decode_mla_short_context_tiles(batch):
+    """Short contexts (a host bound <= MAX_SHORT_CONTEXT, as a CUDA graph's length bucket gives)
+    take one split of 64-token tiles at 8 warps when the batch fills the GPU."""
+    from kernels.paged_decode import MAX_SHORT_CONTEXT, DecodeConfig, decode_config
+    assert decode_config(batch, 1, 300, torch.device("cuda")) == DecodeConfig(64, 1, 8, 2)
+    cache, table, seq_lens = _paged_batch(batch, MAX_SHORT_CONTEXT, 1, LATENT_DIM + ROPE_DIM,
+                                          torch.bfloat16, seed=batch)
+    q = torch.randn(batch, NUM_HEADS, LATENT_DIM + ROPE_DIM, device="cuda", dtype=torch.bfloat16)
+    args = (q, cache, cache[..., :LATENT_DIM], table, seq_lens, 0.1)
+    out, lse = paged_decode(*args, max_seq_len=int(seq_lens.max()))
+    ref_out, ref_lse = paged_decode_ref(*args)
+    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("num_blocks", [65536, 240_000])  # 240k x 16 x 576 elements > 2^31
 def test_paged_decode_mla_page_16_many_blocks(num_blocks):
     """The runner's page of 16 tokens with a full H200-sized cache: block ids past 2^16, element

@@ -133,3 +133,27 @@ def test_bad_inputs_raise(change, match):
                 seq_lens=torch.zeros(1, dtype=torch.int32), scale=0.25) | change
     with pytest.raises(ValueError, match=match):
         paged_decode(**args)
+
+
+def test_gpu_decode_config_short_contexts_take_one_split_when_the_batch_fills_the_gpu():
+    from kernels.paged_decode import MAX_SHORT_CONTEXT, gpu_decode_config
+    short = DecodeConfig(64, 1, 8, 2)
+    assert gpu_decode_config(128, 300, num_sms=132) == short
+    assert gpu_decode_config(128, MAX_SHORT_CONTEXT, num_sms=132) == short
+    # longer bounds, or a batch that leaves SMs idle: split-KV over 32-token tiles
+    assert gpu_decode_config(128, MAX_SHORT_CONTEXT + 1, num_sms=132) == DecodeConfig(32, 2, 4, 2)
+    assert gpu_decode_config(8, 300, num_sms=132) == DecodeConfig(32, 3, 4, 2)
+    assert gpu_decode_config(1, 8192, num_sms=132) == DecodeConfig(32, 32, 4, 2)
+    assert gpu_decode_config(128, 300, num_sms=132, num_splits=2) == DecodeConfig(32, 2, 4, 2)
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 21, 1000])
+def test_a_length_bound_picks_tiles_only(max_seq_len):
+    """max_seq_len (a graph's length bucket) chooses the launch; it never cuts a sequence, even
+    when a caller's bound is too small."""
+    q, k_cache, v_cache, table, seq_lens, tokens = _decode_case(
+        [0, 3, 21, 9], 16, 1, 576, 512, mla=True, block_size=4, seed=2)
+    want_out, want_lse = _dense_f64(q, tokens, 0.05)
+    out, lse = paged_decode(q, k_cache, v_cache, table, seq_lens, 0.05, max_seq_len=max_seq_len)
+    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
