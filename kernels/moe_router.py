@@ -14,7 +14,10 @@ import triton.language as tl
 
 from kernels.dot_operands import DOT_DTYPES, dot_operands
 
-BLOCK_T = 16  # tokens per program
+BLOCK_T = 16  # tokens per program of the logits GEMM
+# tokens per program of the top-k kernel, one warp each: on one H200 at batch 128 (E=64, top-6)
+# 2.85 us against 3.80 us for 16 tokens x 4 warps: its K rounds of row reductions are serial
+TOPK_BLOCK_T = 4
 MAX_TILE_ELEMENTS = 8192  # router weight elements per dot (BLOCK_E x BLOCK_K): no spills
 MAX_SPLITS = 16  # K splits of the logits GEMM: 8 token blocks x 16 = 128 programs at batch 128
 
@@ -131,12 +134,12 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
         x, gate_weight, partial, num_tokens, num_experts, hidden_size, x.stride(0),
         gate_weight.stride(0), partial.stride(0), k_per_split, BLOCK_T=BLOCK_T, BLOCK_E=block_e,
         BLOCK_K=block_k, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4)
-    _moe_topk_kernel[(num_token_blocks,)](
+    _moe_topk_kernel[(triton.cdiv(num_tokens, TOPK_BLOCK_T),)](
         partial, weights, ids, num_tokens, num_experts, partial.stride(0), scaling,
         NUM_SPLITS=num_splits, TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
         TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
-        BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T, BLOCK_E=block_e,
-        num_warps=4)
+        BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=TOPK_BLOCK_T, BLOCK_E=block_e,
+        num_warps=1)
     return weights, ids
 
 
