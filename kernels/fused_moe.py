@@ -113,7 +113,8 @@ def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """act[rows, cols] = silu(x_t @ gate_e.T) * (x_t @ up_e.T) for one block of pair rows."""
-    block = tl.program_id(0)
+    num_col_tiles = tl.cdiv(intermediate_size, BLOCK_N)
+    block, col_tile = tl.program_id(0) // num_col_tiles, tl.program_id(0) % num_col_tiles
     expert = tl.load(block_experts_ptr + block)
     if expert < 0:
         return
@@ -121,7 +122,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr
     pairs = tl.load(sorted_pairs_ptr + rows)
     row_mask = pairs < num_pairs  # padding rows load zeros
     tokens = (pairs // top_k).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < intermediate_size
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * x_stride_t + ks[None, :] * x_stride_h  # [BM, BK]
@@ -158,14 +159,15 @@ def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """pair_out[pair, cols] = weight[pair] * (act[row] @ down_e.T) for one block of pair rows."""
-    block = tl.program_id(0)
+    num_col_tiles = tl.cdiv(hidden_size, BLOCK_N)
+    block, col_tile = tl.program_id(0) // num_col_tiles, tl.program_id(0) % num_col_tiles
     expert = tl.load(block_experts_ptr + block)
     if expert < 0:
         return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + rows)
     row_mask = pairs < num_pairs
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden_size
     ks = tl.arange(0, BLOCK_K)
     act_ptrs = act_ptr + rows[:, None].to(tl.int64) * act_stride_r + ks[None, :]  # [BM, BK]
@@ -296,15 +298,18 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     pair_out = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)  # [P, H]
     flat_weights = topk_weights.reshape(-1).contiguous()  # [P]
     dot_dtype, precision = dot_operands(x.dtype)
+    # One program per (block, column tile), a block's tiles adjacent: the used blocks come first
+    # (align_pairs), so the programs of unused blocks (up to a third at batch 128), which only
+    # read their -1 and exit, queue behind all the real work instead of between it.
     tiles = cfg.gate_up
-    _gate_up_kernel[(max_blocks, triton.cdiv(intermediate_size, tiles.block_n))](
+    _gate_up_kernel[(max_blocks * triton.cdiv(intermediate_size, tiles.block_n),)](
         x, w13, act, sorted_pairs, block_experts, num_pairs, top_k,
         hidden_size, intermediate_size, *x.stride(), *w13.stride(), act.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=hidden_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     tiles = cfg.down
-    _down_kernel[(max_blocks, triton.cdiv(hidden_size, tiles.block_n))](
+    _down_kernel[(max_blocks * triton.cdiv(hidden_size, tiles.block_n),)](
         act, w2, pair_out, sorted_pairs, block_experts, flat_weights,
         num_pairs, hidden_size, intermediate_size, act.stride(0), *w2.stride(), pair_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
