@@ -3,12 +3,14 @@ shapes (16 heads x 576, values = the first 512 dims, bf16), batch x context, for
 (`--block-sizes`, default 16, the runner's default, and 64; pages in random order).
 
     python3 benchmarks/mla_decode_bench.py [--tune] [--tune-contexts 4096 8192]
-        [--block-sizes 16 64] [--out results.json]
+        [--block-sizes 16 64] [--cold] [--out results.json]
 
 TB/s counts the latent cache read once: batch x context x 576 x 2 bytes. Each shape is first
 checked against the torch reference on fresh random data. `--tune` also sweeps the kernel's
 tiles (KV tokens per tile, warps, pipeline stages, programs per SM) at batch 128 and prints the
-best per shape, for kernels/paged_decode.py's decode_config.
+best per shape, for kernels/paged_decode.py's decode_config. Timings replay a CUDA graph of one
+call, so below ~50 MB of KV (batch 128 x 512 tokens) the cache is read from L2; `--cold` flushes
+the L2 before each call instead, as a decode step finds it (noisier).
 """
 from __future__ import annotations
 

@@ -25,9 +25,11 @@ class DecodeConfig:
 
 
 # Contexts up to this many tokens (a host bound on the batch's lengths) take one split of 64-token
-# tiles at 8 warps when the batch alone about fills the GPU: measured on one H200 (batch 128,
-# 16 heads x 576, pages of 16), 19.1 us against 25.5 at 256 tokens (and no merge launch), 42.5
-# against 42.2 at 512; at 1024 the two splits of 32-token tiles win (70.1 against 77.3 us).
+# tiles at 8 warps when the batch alone about fills the GPU, which also saves the merge launch.
+# Measured on one H200 (batch 128, 16 heads x 576, pages of 16) inside the decode step: 29 us
+# against 26.8 + 3.2 (merge) at ~258 tokens, 12.6 against 15.1 us at ~40. The bench's replays
+# (KV in L2) put the crossover near 512 (42.5 against 42.2 us); at 1024 two splits of 32-token
+# tiles win (70.1 against 77.3 us).
 MAX_SHORT_CONTEXT = 512
 
 

@@ -45,7 +45,7 @@ class ModelLoader(Protocol):  # conf/model
 class AttentionBackend(Protocol):  # conf/attention
     returns_lse: bool  # DCP needs the natural-log LSE of partial attention
     # rank-local context bounds at which decode launches differently (CUDA graphs capture each
-    # batch size once per bound, and once at the longest context)
+    # batch size once per bound, and once at the longest context); a backend without it: none
     decode_length_buckets: tuple[int, ...]
 
     def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:
