@@ -33,7 +33,7 @@ CASES = {
         "kernels.moe_router:_moe_topk_kernel",
         {"partial_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64},
         {"NUM_SPLITS": 16, "TOP_K": 6, "NUM_GROUPS": 1, "TOPK_GROUP": 1, "RENORMALIZE": False,
-         "BLOCK_TOP_K": 8, "BLOCK_T": 16, "BLOCK_E": block_e}, {"num_warps": 4})
+         "BLOCK_TOP_K": 8, "BLOCK_T": 4, "BLOCK_E": block_e}, {"num_warps": 1})
        for block_e in (64, 256)},  # DeepSeek-V2-Lite, V2
     **{f"router_logits_e{block_e}": (
         "kernels.moe_router:_router_logits_kernel", {"partial_ptr": FP32},
@@ -45,12 +45,14 @@ CASES = {
                   {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024}, {}),
     "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"pair_out_ptr": FP32, "ids_ptr": I64},
                 {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 1024}, {}),
-    "paged_decode_mla": ("kernels.paged_decode:_paged_decode_kernel",
-                         {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},
-                         {"HEAD_DIM_K": 576, "HEAD_DIM_V": 512, "BLOCK_H": 16, "BLOCK_N": 32,
-                          "BLOCK_D1": 512, "BLOCK_D2": 64, "BLOCK_DV": 512, "V_FROM_K": True,
-                          "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
-                         {"num_warps": 4, "num_stages": 2}),
+    **{f"paged_decode_mla_n{block_n}": (
+        "kernels.paged_decode:_paged_decode_kernel",
+        {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},
+        {"HEAD_DIM_K": 576, "HEAD_DIM_V": 512, "BLOCK_H": 16, "BLOCK_N": block_n,
+         "BLOCK_D1": 512, "BLOCK_D2": 64, "BLOCK_DV": 512, "V_FROM_K": True,
+         "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
+        {"num_warps": num_warps, "num_stages": 2})
+       for block_n, num_warps in ((32, 4), (64, 8))},  # long, short contexts (decode_config)
 }
 
 
