@@ -50,7 +50,8 @@ class Runner:
         self.scheduler = Scheduler(BlockAllocator(num_blocks), block_table.virtual_block_size,
                                    max_num_seqs, max_num_batched_tokens, max_model_len)
         self.decode_buffers = DecodeBuffers(max_num_seqs, self.max_num_blocks,
-                                            block_table.max_local_len(max_model_len), device)
+                                            block_table.max_local_len(max_model_len),
+                                            self.vocab_size, device)
         self.requests: dict[int, Request] = {}
         self._next_req_id = 0
         self.async_decode = AsyncDecode(max_num_seqs, device) if async_scheduling else None
@@ -189,7 +190,8 @@ class Runner:
         the greedy tokens kept on the device for the next step (async scheduling)."""
         num_padded = inputs.input_ids.shape[0]
         self.decode_buffers.derive(num_padded, self.block_table)
-        logits = step_logits(self.model.compute_logits(self._forward(inputs)))
+        logits = step_logits(self.model.compute_logits(
+            self._forward(inputs), out=self.decode_buffers.logits[:num_padded]))
         self.decode_buffers.sampled_ids[:num_padded].copy_(logits.greedy[:, 0])
         return logits
 

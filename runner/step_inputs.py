@@ -60,7 +60,7 @@ class DecodeBuffers:
     previous decode step, whose sampled token that step's graph left in `sampled_ids`."""
 
     def __init__(self, max_num_reqs: int, max_num_blocks: int, max_local_seq_len: int,
-                 device: torch.device):
+                 vocab_size: int, device: torch.device):
         self.max_num_reqs = max_num_reqs
         self.max_local_seq_len = max_local_seq_len  # static bound used when graphs replay
         self.input_ids = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)  # [Rmax]
@@ -74,6 +74,9 @@ class DecodeBuffers:
         self.query_start_loc = torch.arange(max_num_reqs + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(max_num_reqs, dtype=torch.int64, device=device)
         self.sampled_ids = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)  # [Rmax]
+        # every decode step's logits, one buffer for all CUDA graphs (not one output per graph)
+        self.logits = torch.empty(max_num_reqs, vocab_size, dtype=torch.float32,
+                                  device=device)  # [Rmax, V]
         # host staging (numpy views of pinned memory on a GPU): filled in Python, copied at once
         pin = device.type == "cuda"
         self._pinned_rows = torch.zeros(4, max_num_reqs, dtype=torch.int64, pin_memory=pin)

@@ -30,6 +30,8 @@ def test_graph_replay_equals_eager_for_every_size(model):
     runner.step()  # prefill of all eight
     longest = runner.decode_buffers.max_local_seq_len
     assert runner.graph.length_bounds == [MAX_SHORT_CONTEXT, longest]  # Triton's short bucket
+    outputs = [output for _, output in runner.graph.graphs.values()]
+    assert {o.logits.data_ptr() for o in outputs} == {runner.decode_buffers.logits.data_ptr()}
     for num_reqs in (1, 3, 4, 7, 8):
         requests = runner.scheduler.running[:num_reqs]
         padded = runner.graph.padded_size(num_reqs)

@@ -169,9 +169,11 @@ class DeepseekV2ForCausalLM(nn.Module):
             hidden, residual = layer(hidden, residual, cos, sin, ctx)
         return self.model.norm(hidden, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[R, H] -> [R, vocab] float32, the full vocab on every rank."""
-        return self.lm_head.logits(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """[R, H] -> [R, vocab] float32, the whole vocabulary on every rank (into `out` if
+        given)."""
+        return self.lm_head.logits(hidden, out)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         c = self.config

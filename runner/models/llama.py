@@ -206,9 +206,11 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, ctx)
         return self.model.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[R, hidden] -> [R, vocab] float32, the whole vocabulary on every rank."""
-        return self.lm_head.logits(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """[R, H] -> [R, vocab] float32, the whole vocabulary on every rank (into `out` if
+        given)."""
+        return self.lm_head.logits(hidden, out)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         attn = self.model.layers[0].self_attn

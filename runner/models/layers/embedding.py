@@ -38,7 +38,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the whole vocab on every rank: local [T, V/tp] matmul, then all-gather."""
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, H] -> [T, V] float32, into `out` if given (the cast writes it: no extra copy)."""
         local = F.linear(hidden, self.weight)  # [T, V/tp]
-        full = self.group.all_gather(local, dim=-1)  # [T, V_padded]
-        return full[..., :self.vocab_size]
+        full = self.group.all_gather(local, dim=-1)[..., :self.vocab_size]  # [T, V]
+        return full.float() if out is None else out.copy_(full)
