@@ -90,7 +90,8 @@ def _layer_timeline(kernels: list[dict]) -> list[str]:
 def _trace_kernels(prof) -> list[dict]:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
+        with open(f.name) as trace_file:
+            trace = json.load(trace_file)
     return [e for e in trace["traceEvents"] if e.get("cat") == "kernel"]
 
 

@@ -31,6 +31,7 @@ class DecodeConfig:
 # (KV in L2) put the crossover near 512 (42.5 against 42.2 us); at 1024 two splits of 32-token
 # tiles win (70.1 against 77.3 us).
 MAX_SHORT_CONTEXT = 512
+SHORT_CONTEXT_CONFIG = DecodeConfig(block_n=64, num_splits=1, num_warps=8, num_stages=2)
 
 
 def decode_config(num_reqs: int, num_kv_heads: int, max_context: int, device: torch.device,
@@ -51,7 +52,7 @@ def gpu_decode_config(num_programs: int, max_context: int, num_sms: int,
     # TB/s from 4k tokens up); a partial second wave (e.g. 3 splits at batch 128) cost up to 30%.
     wanted = 2 * num_sms // max(num_programs, 1)
     if num_splits is None and wanted <= 2 and max_context <= MAX_SHORT_CONTEXT:
-        return DecodeConfig(64, 1, 8, 2)
+        return SHORT_CONTEXT_CONFIG
     block_n = 32
     if num_splits is None:
         num_splits = max(1, min(wanted, 32, triton.cdiv(max_context, 4 * block_n)))

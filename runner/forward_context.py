@@ -22,7 +22,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_reqs] int32, tokens of each request including the new ones
     local_seq_lens: torch.Tensor  # [num_reqs] int32, of those, the ones stored on this rank
     block_table: torch.Tensor  # [num_reqs, max_num_blocks] int32, shared by all DCP ranks
-    max_local_seq_len: int  # host upper bound of local_seq_lens (static when graphs replay)
+    max_local_seq_len: int  # host upper bound of local_seq_lens (a decode graph's: its bound)
 
     @property
     def num_reqs(self) -> int:

@@ -155,7 +155,8 @@ class Runner:
     def run_forward(self, batch: ScheduledBatch, sources: list[int] | None = None) -> StepLogits:
         """The forward of a scheduled batch (decode: one graph replay when captured) -> logits of
         each request's last token, [R, vocab] fp32, with their greedy summary. `sources`: rows of
-        the previous decode step whose sampled tokens this decode step feeds."""
+        the previous decode step whose sampled tokens this decode step feeds. A decode step's
+        logits are a view of DecodeBuffers.logits: read them before the next decode step."""
         self.last_step_was_prefill = batch.is_prefill
         if batch.is_prefill:
             return self._prefill_logits(prefill_inputs(batch.requests, self.block_table,

@@ -62,7 +62,7 @@ class DecodeBuffers:
     def __init__(self, max_num_reqs: int, max_num_blocks: int, max_local_seq_len: int,
                  vocab_size: int, device: torch.device):
         self.max_num_reqs = max_num_reqs
-        self.max_local_seq_len = max_local_seq_len  # static bound used when graphs replay
+        self.max_local_seq_len = max_local_seq_len  # the longest rank-local context
         self.input_ids = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)  # [Rmax]
         self.positions = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)  # [Rmax]
         self.req_indices = torch.zeros(max_num_reqs, dtype=torch.int32, device=device)  # [Rmax]

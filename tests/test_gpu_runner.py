@@ -57,3 +57,24 @@ def test_triton_with_graphs_gives_torch_greedy_tokens(model):
     assert [o.token_ids for o in fast.generate(prompts, max_tokens=16)] == expected
     assert fast.graph.num_replayed > 0
     fast.shutdown()
+
+
+@pytest.mark.parametrize("num_prompts, prompt_len, max_tokens", [
+    (3, 500, 24),  # crosses the 512-token graph bound mid-generation (async feeding between)
+    (96, 20, 8),   # a full batch: the short-context decode tiles (one split) inside the graph
+])
+def test_triton_graphs_across_length_bounds_give_torch_greedy_tokens(num_prompts, prompt_len,
+                                                                       max_tokens):
+    from runner import build_runner, compose_config
+    torch.backends.cuda.matmul.allow_tf32 = False
+    prompts = [[(7 * i + j) % 500 + 1 for j in range(prompt_len + i % 7)]
+               for i in range(num_prompts)]
+    base = ["model=tiny", "model.dtype=float32", "device=cuda", "block_table.num_blocks=1024",
+            f"scheduler.max_num_seqs={num_prompts}"]
+    reference = build_runner(compose_config([*base, "attention=torch", "graph=eager"]))
+    expected = [o.token_ids for o in reference.generate(prompts, max_tokens=max_tokens)]
+    reference.shutdown()
+    fast = build_runner(compose_config([*base, "attention=triton", "graph=cuda"]))
+    assert [o.token_ids for o in fast.generate(prompts, max_tokens=max_tokens)] == expected
+    assert fast.graph.num_replayed > 0 and fast.graph.num_eager == 0
+    fast.shutdown()

@@ -30,6 +30,7 @@ class CudaGraph:
         self.requested_sizes = batch_sizes
         self.sizes: list[int] = []
         self.length_bounds: list[int] = []  # rank-local context bounds, each captured per size
+        # (size, bound) -> graph, output
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.num_replayed = 0
         self.num_eager = 0

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from kernels.paged_decode import DecodeConfig, paged_decode, paged_decode_ref
+from kernels.paged_decode import (MAX_SHORT_CONTEXT, SHORT_CONTEXT_CONFIG, DecodeConfig,
+                                  gpu_decode_config, paged_decode, paged_decode_ref)
 
 
 def _decode_case(seq_lens, num_heads, num_kv_heads, head_dim_k, head_dim_v, mla, block_size,
@@ -136,10 +137,8 @@ def test_bad_inputs_raise(change, match):
 
 
 def test_gpu_decode_config_short_contexts_take_one_split_when_the_batch_fills_the_gpu():
-    from kernels.paged_decode import MAX_SHORT_CONTEXT, gpu_decode_config
-    short = DecodeConfig(64, 1, 8, 2)
-    assert gpu_decode_config(128, 300, num_sms=132) == short
-    assert gpu_decode_config(128, MAX_SHORT_CONTEXT, num_sms=132) == short
+    assert gpu_decode_config(128, 300, num_sms=132) == SHORT_CONTEXT_CONFIG
+    assert gpu_decode_config(128, MAX_SHORT_CONTEXT, num_sms=132) == SHORT_CONTEXT_CONFIG
     # longer bounds, or a batch that leaves SMs idle: split-KV over 32-token tiles
     assert gpu_decode_config(128, MAX_SHORT_CONTEXT + 1, num_sms=132) == DecodeConfig(32, 2, 4, 2)
     assert gpu_decode_config(8, 300, num_sms=132) == DecodeConfig(32, 3, 4, 2)
