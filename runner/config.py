@@ -38,7 +38,7 @@ class BlockTableConfig:
     block_size: int = 16  # tokens per physical block on one rank
     interleave: int = 1  # DCP interleave: consecutive tokens per rank before moving on
     num_blocks: Optional[int] = None  # physical blocks per rank; null: sized from memory
-    memory_fraction: float = 0.9  # of total GPU memory, weights included (GPU only)
+    memory_fraction: float = 0.9  # of GPU memory, weights included, less 4 GiB (GPU only)
 
 
 @dataclass
