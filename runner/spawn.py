@@ -2,12 +2,14 @@
 started), set up torch.distributed, and tear everything down when any rank fails.
 
 Spawned ranks rendezvous on 127.0.0.1 at a free port; rank 0's result comes back through a
-queue. If a rank raises or dies (even by SIGKILL), the others are killed at once and the cause is
+queue, pickled by value (a tensor sent as-is would be shared through a file descriptor that
+vanishes if the rank exits before the parent reads it). If a rank raises or dies (even by SIGKILL), the others are killed at once and the cause is
 raised here as one RunnerError (a non-RunnerError also prints the rank's traceback, once).
 """
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import time
@@ -58,13 +60,14 @@ def _rank_entry(rank: int, world_size: int, port: int, cfg, fn, args, results) -
     try:
         init_rank(cfg, rank, world_size, rank, f"tcp://127.0.0.1:{port}")
         result = fn(cfg, rank, *args)
+        payload = pickle.dumps(result) if rank == 0 else None
     except RunnerError as e:
         results.put(("error", rank, str(e)))
         sys.exit(1)
     except BaseException as e:  # noqa: BLE001 - the parent reports it once
         results.put(("crash", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         sys.exit(1)
-    results.put(("ok", rank, result if rank == 0 else None))
+    results.put(("ok", rank, payload))
     dist.barrier()  # leave together: a peer that tears down early can abort gloo's threads
     dist.destroy_process_group()
 
@@ -98,7 +101,7 @@ def _collect(procs, results) -> Any:
             status, rank, payload = results.get()
             if status == "ok":
                 ok_ranks.add(rank)
-                result = payload if rank == 0 else result
+                result = pickle.loads(payload) if rank == 0 else result
             elif status == "error":
                 raise RunnerError(f"rank {rank}: {payload}")
             else:
@@ -118,7 +121,7 @@ def _collect(procs, results) -> Any:
         if status != "ok":
             raise RunnerError(f"rank {rank}: {payload.splitlines()[0]}")
         ok_ranks.add(rank)
-        result = payload if rank == 0 else result
+        result = pickle.loads(payload) if rank == 0 else result
     for r, p in enumerate(procs):
         if r not in ok_ranks:
             raise RunnerError(f"rank {r} {_how_it_ended(p.exitcode)} without a result; the run "

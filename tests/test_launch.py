@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["device=cpu", "print_config=false", "block_table.block_size=4", "model.max_model_len=64"]
@@ -202,3 +203,24 @@ def test_invalid_layouts_fail_in_one_line_before_any_rank(tmp_path):
         elif seconds > 5:
             problems.append(f"{name}: took {seconds:.1f} s")
     assert not problems, "\n".join(problems)
+
+
+def _tensor_result(cfg, rank: int) -> dict:
+    return {"rank": rank, "values": torch.arange(6.0).reshape(2, 3) * (rank + 1)}
+
+
+def test_rank_0s_tensors_come_back_by_value(monkeypatch):
+    """Rank 0's result, tensors included, reaches the caller intact even when it is read after
+    every rank exited (a tensor shared by file descriptor would be gone by then)."""
+    from runner import compose_config, spawn
+    from runner.launch import launch
+    collect = spawn._collect
+
+    def collect_after_exit(procs, results):
+        for p in procs:
+            p.join(timeout=60)
+        return collect(procs, results)
+
+    monkeypatch.setattr(spawn, "_collect", collect_after_exit)
+    result = launch(compose_config(["parallel.tp=2", "device=cpu"]), _tensor_result)
+    assert result["rank"] == 0 and result["values"].equal(torch.arange(6.0).reshape(2, 3))
