@@ -89,18 +89,23 @@ def test_write_kv(latent_only):
     assert torch.equal(cache, expected)
 
 
-@pytest.mark.parametrize("batch, max_context", [(1, 8192), (32, 1024), (128, 4096), (256, 8192)])
-@pytest.mark.parametrize("num_splits", [None, 1])
-def test_paged_decode_mla_bf16(batch, max_context, num_splits):
+def _check_mla_bf16(batch: int, max_context: int, **decode_options) -> None:
+    """paged_decode (with `decode_options`) against its reference on a random bf16 MLA batch."""
     cache, table, seq_lens = _paged_batch(batch, max_context, 1, LATENT_DIM + ROPE_DIM,
                                           torch.bfloat16, seed=batch)
     q = torch.randn(batch, NUM_HEADS, LATENT_DIM + ROPE_DIM, device="cuda", dtype=torch.bfloat16)
     args = (q, cache, cache[..., :LATENT_DIM], table, seq_lens, 0.1)
-    out, lse = paged_decode(*args, num_splits=num_splits)
+    out, lse = paged_decode(*args, **decode_options)
     ref_out, ref_lse = paged_decode_ref(*args)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch, max_context", [(1, 8192), (32, 1024), (128, 4096), (256, 8192)])
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_paged_decode_mla_bf16(batch, max_context, num_splits):
+    _check_mla_bf16(batch, max_context, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("batch", [96, 128, 256])
@@ -111,14 +116,7 @@ def test_paged_decode_mla_short_context_tiles(batch):
     from kernels.paged_decode import MAX_SHORT_CONTEXT, SHORT_CONTEXT_CONFIG, decode_config
     if batch >= 128:  # on any GPU of fewer than ~190 SMs
         assert decode_config(batch, 1, 300, torch.device("cuda")) == SHORT_CONTEXT_CONFIG
-    cache, table, seq_lens = _paged_batch(batch, MAX_SHORT_CONTEXT, 1, LATENT_DIM + ROPE_DIM,
-                                          torch.bfloat16, seed=batch)
-    q = torch.randn(batch, NUM_HEADS, LATENT_DIM + ROPE_DIM, device="cuda", dtype=torch.bfloat16)
-    args = (q, cache, cache[..., :LATENT_DIM], table, seq_lens, 0.1)
-    out, lse = paged_decode(*args, config=SHORT_CONTEXT_CONFIG)
-    ref_out, ref_lse = paged_decode_ref(*args)
-    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+    _check_mla_bf16(batch, MAX_SHORT_CONTEXT, config=SHORT_CONTEXT_CONFIG)
 
 
 @pytest.mark.parametrize("num_blocks", [65536, 240_000])  # 240k x 16 x 576 elements > 2^31
