@@ -6,10 +6,15 @@ requirement), then moved to the requested dim.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# every process group's: a collective (or group creation) that waits longer fails the run
+COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("DCP_RUNNER_COLLECTIVE_TIMEOUT", 600)))
 
 
 @dataclass

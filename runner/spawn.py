@@ -14,7 +14,6 @@ import socket
 import sys
 import time
 import traceback
-from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
@@ -22,10 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from runner.distributed import COLLECTIVE_TIMEOUT
 from runner.errors import RunnerError
 
 EXIT_GRACE_S = 10  # after every rank reported its result
-COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("DCP_RUNNER_COLLECTIVE_TIMEOUT", 600)))
 
 
 def _free_port() -> int:

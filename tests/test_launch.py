@@ -224,3 +224,36 @@ def test_rank_0s_tensors_come_back_by_value(monkeypatch):
     monkeypatch.setattr(spawn, "_collect", collect_after_exit)
     result = launch(compose_config(["parallel.tp=2", "device=cpu"]), _tensor_result)
     assert result["rank"] == 0 and result["values"].equal(torch.arange(6.0).reshape(2, 3))
+
+
+def stall_one_rank(cfg, rank: int) -> None:
+    """Rank function: rank 1 stalls after setup; rank 0 all-reduces over the tp group."""
+    from runner.build import build_runner
+
+    runner = build_runner(cfg)
+    if rank == 1:
+        time.sleep(300)
+    runner.plan.tp.all_reduce(torch.ones(1))
+
+
+def test_a_stalled_rank_fails_the_run_at_the_collective_timeout():
+    """The tp and dcp groups wait DCP_RUNNER_COLLECTIVE_TIMEOUT, not torch's 30-minute default."""
+    from runner.compose import compose_config
+    from runner.errors import RunnerError
+    from runner.launch import launch
+
+    def give_up(signum, frame):
+        raise TimeoutError("the run did not stop at the collective timeout")
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(90)
+    start = time.time()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DCP_RUNNER_COLLECTIVE_TIMEOUT", "5")
+            with pytest.raises(RunnerError, match="rank 0"):
+                launch(compose_config(BASE + ["parallel.tp=2"]), stall_one_rank)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.time() - start < 60

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from runner.distributed import GroupHandle
+from runner.distributed import COLLECTIVE_TIMEOUT, GroupHandle
 
 DCP_COMM_MODES = ("ag_rs", "a2a", "fused")
 
@@ -50,11 +50,12 @@ class ParallelPlan:
         self.world_rank = world_rank
         if self.world_size == 1:
             return
-        tp_group = dist.new_group(list(range(self.tp_size)))
+        tp_group = dist.new_group(list(range(self.tp_size)), timeout=COLLECTIVE_TIMEOUT)
         self.tp = GroupHandle(self.tp_size, world_rank, tp_group)
         for start in range(0, self.tp_size, self.dcp_size):
             ranks = list(range(start, start + self.dcp_size))
-            group = dist.new_group(ranks) if self.dcp_size > 1 else None
+            group = (dist.new_group(ranks, timeout=COLLECTIVE_TIMEOUT) if self.dcp_size > 1
+                     else None)
             if world_rank in ranks:
                 self.dcp = GroupHandle(self.dcp_size, world_rank - start, group)
 
