@@ -37,9 +37,10 @@ def prompt_key(prompt_token_ids: list[int]) -> int:
 
 
 def _draw(seed: int, request_key: int, output_index: int) -> float:
-    """A uniform number in [0, 1) that depends only on its key."""
-    generator = torch.Generator().manual_seed(
-        (seed * 1_000_003 + request_key) * 1_000_003 + output_index)
+    """A uniform number in [0, 1) that depends only on its key (any seed: the key is taken modulo
+    2^64, as torch takes negative seeds)."""
+    key = (seed * 1_000_003 + request_key) * 1_000_003 + output_index
+    generator = torch.Generator().manual_seed(key % (1 << 64))
     return float(torch.rand((), generator=generator, dtype=torch.float64))
 
 
