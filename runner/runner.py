@@ -14,7 +14,8 @@ from runner.async_decode import AsyncDecode, InflightStep
 from runner.errors import RequestError, RunnerError
 from runner.forward_context import ForwardContext
 from runner.kv_cache import BlockAllocator, allocate_kv_caches
-from runner.request import Request, RequestOutput, SamplingParams, TokenEvent
+from runner.request import (Request, RequestOutput, SamplingParams, TokenEvent,
+                            prompt_token_list, sampling_problem)
 from runner.sampler import StepLogits, prompt_key, sample, step_logits
 from runner.scheduler import ScheduledBatch, Scheduler, cdiv
 from runner.step_inputs import DecodeBuffers, StepInputs, prefill_inputs
@@ -85,13 +86,15 @@ class Runner:
 
     # --- requests ---------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Queue a request; an invalid one is finished at once with its error."""
-        request = Request(self._next_req_id, list(prompt_token_ids), params,
-                          sample_key=prompt_key(list(prompt_token_ids)))
+        """Queue a request; an invalid one (prompt or sampling parameters) is finished at once
+        with its error, the others are unaffected."""
+        request = Request(self._next_req_id, [], params)
         self._next_req_id += 1
         self.requests[request.req_id] = request
         try:
+            request.prompt_token_ids = prompt_token_list(prompt_token_ids)
             self._validate(request)
+            request.sample_key = prompt_key(request.prompt_token_ids)
         except RequestError as e:
             request.error = str(e)
             self.scheduler.finish(request, "error")
@@ -101,8 +104,9 @@ class Runner:
 
     def _validate(self, request: Request) -> None:
         tokens = request.prompt_token_ids
-        if request.params.max_tokens < 1:
-            raise RequestError(f"max_tokens={request.params.max_tokens}: must be >= 1")
+        problem = sampling_problem(request.params)
+        if problem:
+            raise RequestError(problem)
         if not tokens:
             raise RequestError("empty prompt: a prompt needs at least one token")
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
@@ -227,8 +231,9 @@ class Runner:
                  params: SamplingParams | None = None) -> list[RequestOutput]:
         """Run prompts to completion; outputs in input order."""
         params = params or SamplingParams(max_tokens=max_tokens)
-        if params.max_tokens <= 0:
-            raise RunnerError(f"max_tokens={params.max_tokens}: must be >= 1")
+        problem = sampling_problem(params)  # shared by every prompt: refuse the call
+        if problem:
+            raise RunnerError(problem)
         ids = [self.add_request(p, params) for p in prompt_token_ids]
         while self.has_unfinished():
             self.step()
