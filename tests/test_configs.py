@@ -289,3 +289,10 @@ def test_max_model_len_above_the_models_positions_is_refused():
     with pytest.raises(RunnerError, match=r"model.max_model_len=4096 .* max_position_embeddings"):
         check_config(compose_config(["model.max_model_len=4096"]), device=torch.device("cpu"))
     check_config(compose_config(["model.max_model_len=2048"]), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("max_model_len", [0, 1, -5])
+def test_max_model_len_below_two_is_refused_before_building(max_model_len):
+    with pytest.raises(RunnerError, match=f"model.max_model_len={max_model_len}: must be >= 2"):
+        check_config(compose_config(["model=tiny", "device=cpu",
+                                     f"model.max_model_len={max_model_len}"]))

@@ -76,6 +76,9 @@ class HFModelLoader:
     def max_model_len(self) -> int:
         """model.max_model_len, or the model's max_position_embeddings when null; never more."""
         limit = self.hf_config().max_position_embeddings
+        if self.max_model_len_cap is not None and self.max_model_len_cap < 2:
+            raise RunnerError(f"model.max_model_len={self.max_model_len_cap}: must be >= 2 (a "
+                              f"prompt token and a generated one) or null")
         if self.max_model_len_cap and self.max_model_len_cap > limit:
             raise RunnerError(f"model.max_model_len={self.max_model_len_cap} is more than the "
                               f"model's max_position_embeddings={limit}: set it <= {limit}")
