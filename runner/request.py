@@ -107,7 +107,7 @@ class RequestOutput:
     req_id: int
     prompt_token_ids: list[int]
     token_ids: list[int]
-    finish_reason: str  # stop | length | error
+    finish_reason: str | None  # stop | length | error; None while the request runs
     error: str | None = None
     text: str | None = None
 

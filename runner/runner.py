@@ -126,11 +126,11 @@ class Runner:
         return self._inflight is not None or self.scheduler.has_unfinished()
 
     def output(self, req_id: int) -> RequestOutput:
-        """The request's tokens read so far, or its result."""
+        """The request's tokens read so far (finish_reason None while it runs), or its result."""
         r = self.requests[req_id]
         text = self.tokenizer.decode(r.output_token_ids) if self.tokenizer else None
         return RequestOutput(r.req_id, r.prompt_token_ids, list(r.output_token_ids),
-                             r.finish_reason or "length", r.error, text)
+                             r.finish_reason, r.error, text)
 
     # --- one step ---------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:

@@ -53,3 +53,11 @@ def test_bad_prompts_fail_alone(runner, prompt, named):
 def test_generate_refuses_parameters_shared_by_every_prompt(runner):
     with pytest.raises(RunnerError, match="top_p=2.0"):
         runner.generate([[1, 2]], params=SamplingParams(top_p=2.0))
+
+
+def test_an_unfinished_request_has_no_finish_reason(runner):
+    req_id = runner.add_request([1, 2, 3], GOOD)
+    assert runner.output(req_id).finish_reason is None
+    while runner.has_unfinished():
+        runner.step()
+    assert runner.output(req_id).finish_reason == "length"
