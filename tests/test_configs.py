@@ -296,3 +296,9 @@ def test_max_model_len_below_two_is_refused_before_building(max_model_len):
     with pytest.raises(RunnerError, match=f"model.max_model_len={max_model_len}: must be >= 2"):
         check_config(compose_config(["model=tiny", "device=cpu",
                                      f"model.max_model_len={max_model_len}"]))
+
+
+def test_a_cpu_kv_cache_larger_than_memory_is_refused():
+    cfg = compose_config(["model=tiny", "device=cpu", "scheduler.max_num_seqs=10000000"])
+    with pytest.raises(RunnerError, match="scheduler.max_num_seqs=10000000 .* GiB"):
+        build_runner(cfg)
