@@ -35,10 +35,11 @@ def run_rank(cfg: DictConfig, rank: int, output_dir: str) -> dict:
 
 def run(cfg: DictConfig, output_dir: str = ".") -> dict:
     """Check the config, start the ranks, run the task; rank 0's metrics."""
-    from runner.build import check_config
+    from runner.build import check_config, instantiate
     from runner.launch import launch
 
     check_config(cfg)
+    instantiate(cfg, "task", {})  # the task's own checks (fields, files) before ranks start
     return launch(cfg, run_rank, output_dir)
 
 

@@ -14,6 +14,7 @@ from runner.errors import RunnerError
 from runner.request import SamplingParams
 from runner.roofline import decode_floor_ms
 from runner.tasks.bench_metrics import RequestTiming, compute_metrics, format_report
+from runner.tasks.generate import check_output_path
 
 
 class BenchTask:
@@ -27,7 +28,7 @@ class BenchTask:
                 raise RunnerError(f"task.{name}={value}: must be >= 1")
         if num_warmups < 0:
             raise RunnerError(f"task.num_warmups={num_warmups}: must be >= 0")
-        if request_rate <= 0:
+        if math.isnan(request_rate) or request_rate <= 0:
             raise RunnerError(f"task.request_rate={request_rate}: must be > 0 (inf = all at once)")
         if max_concurrency is not None and max_concurrency < 1:
             raise RunnerError(f"task.max_concurrency={max_concurrency}: must be >= 1 or null")
@@ -55,7 +56,17 @@ class BenchTask:
             t += rng.expovariate(self.request_rate)
         return times
 
+    def check_fits(self, max_model_len: int) -> None:
+        """Refuse requests longer than the model allows (they would fail or be cut short)."""
+        if self.input_len + self.output_len > max_model_len:
+            raise RunnerError(f"task.input_len={self.input_len} + task.output_len="
+                              f"{self.output_len} is more than model.max_model_len="
+                              f"{max_model_len}: their sum must be <= it")
+
     def run(self, runner) -> dict:
+        self.check_fits(runner.max_model_len)
+        if self.output:
+            check_output_path(os.path.join(self.output_dir, self.output), "task.output")
         driver = runner.plan.is_driver
         if self.num_warmups:
             runner.generate(self._prompts(self.num_warmups, runner.vocab_size, 1),
@@ -74,8 +85,9 @@ class BenchTask:
                 req_id = runner.add_request(prompts[index], self.params)
                 timings[req_id] = RequestTiming(self.input_len, now, [])
             next_index += due
-            if not runner.has_unfinished():
-                time.sleep(max(0.0, start + arrivals[next_index] - time.perf_counter()))
+            if not runner.has_unfinished():  # idle until the next arrival, if any
+                if next_index < len(arrivals):
+                    time.sleep(max(0.0, start + arrivals[next_index] - time.perf_counter()))
                 continue
             before = time.perf_counter()
             events = runner.step()

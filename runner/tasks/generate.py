@@ -2,34 +2,49 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from runner.console import RequestProgress, print_error, print_table
 from runner.errors import RunnerError
-from runner.request import SamplingParams
-from runner.tasks.prompts import resolve_prompts
+from runner.request import SamplingParams, sampling_problem
+from runner.tasks.prompts import (check_prompt_sources, check_token_ids, read_prompts_file,
+                                  resolve_prompts)
+
+
+def check_output_path(path: str, field: str) -> None:
+    """Refuse an output file that could not be written (its folder missing or read-only, or
+    the path a folder), so that no outputs are lost after the run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise RunnerError(f"{field}={path!r} is a folder: give a file path")
+    if not os.path.isdir(folder):
+        raise RunnerError(f"{field}={path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RunnerError(f"{field}={path!r}: folder {folder!r} is not writable")
 
 
 class GenerateTask:
     def __init__(self, prompts=None, prompt_token_ids=None, prompts_file=None, max_tokens: int = 16,
                  ignore_eos: bool = False, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, output: str | None = None):
-        if max_tokens <= 0:
-            raise RunnerError(f"task.max_tokens={max_tokens}: must be >= 1")
-        if temperature < 0:
-            raise RunnerError(f"task.temperature={temperature}: must be >= 0 (0 = greedy)")
-        if top_k < 0:
-            raise RunnerError(f"task.top_k={top_k}: must be >= 0 (0 = off)")
-        if not 0 < top_p <= 1:
-            raise RunnerError(f"task.top_p={top_p}: must be in (0, 1]")
+        self.params = SamplingParams(max_tokens, temperature, top_k, top_p, seed, ignore_eos)
+        problem = sampling_problem(self.params)
+        if problem:
+            raise RunnerError(f"task.{problem}")
+        check_prompt_sources(prompts, prompt_token_ids, prompts_file)
+        if prompt_token_ids is not None:
+            prompt_token_ids = [check_token_ids(p, f"task.prompt_token_ids[{i}]")
+                                for i, p in enumerate(prompt_token_ids)]
+        if output:
+            check_output_path(output, "task.output")
         self.prompts = prompts
         self.prompt_token_ids = prompt_token_ids
-        self.prompts_file = prompts_file
-        self.params = SamplingParams(max_tokens, temperature, top_k, top_p, seed, ignore_eos)
+        self.file_prompts = read_prompts_file(prompts_file) if prompts_file is not None else None
         self.output = output
 
     def run(self, runner) -> dict:
-        token_ids, texts = resolve_prompts(self.prompts, self.prompt_token_ids, self.prompts_file,
+        token_ids, texts = resolve_prompts(self.prompts, self.prompt_token_ids, self.file_prompts,
                                            runner.tokenizer, runner.vocab_size, self.params.seed)
         driver = runner.plan.is_driver
         progress = RequestProgress(len(token_ids), "generate", enabled=driver)

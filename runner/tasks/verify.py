@@ -11,7 +11,9 @@ import tempfile
 import torch
 
 from runner.console import console, print_table
+from runner.errors import RunnerError
 from runner.request import SamplingParams
+from runner.tasks.prompts import check_token_ids
 
 
 def reference_model(loader, device: torch.device, save_dir: str):
@@ -35,6 +37,16 @@ def reference_model(loader, device: torch.device, save_dir: str):
 class VerifyTask:
     def __init__(self, prompt_token_ids=None, num_prompts: int = 4, max_tokens: int = 16,
                  logprob_tolerance: float = 1e-3, min_agreement: float = 1.0):
+        if num_prompts < 1:
+            raise RunnerError(f"task.num_prompts={num_prompts}: must be >= 1")
+        if max_tokens < 1:
+            raise RunnerError(f"task.max_tokens={max_tokens}: must be >= 1")
+        if prompt_token_ids is not None:
+            if not prompt_token_ids:
+                raise RunnerError("task.prompt_token_ids=[]: give at least one prompt, or null "
+                                  "for random ones")
+            prompt_token_ids = [check_token_ids(p, f"task.prompt_token_ids[{i}]")
+                                for i, p in enumerate(prompt_token_ids)]
         self.prompt_token_ids = prompt_token_ids
         self.num_prompts = num_prompts
         self.max_tokens = max_tokens
@@ -56,23 +68,47 @@ class VerifyTask:
             runner.step()
         if not runner.plan.is_driver:
             return {}
-        with tempfile.TemporaryDirectory() as save_dir:
-            model = reference_model(runner.loader, runner.device, save_dir)
-            rows = [self._compare(model, runner.requests[i], runner.device) for i in ids]
+        requests = [runner.requests[i] for i in ids]
+        failed = [(i, r.error) for i, r in enumerate(requests) if r.finish_reason == "error"]
+        compared = [i for i, r in enumerate(requests) if r.finish_reason != "error"]
+        results = {}
+        if compared:
+            with tempfile.TemporaryDirectory() as save_dir:
+                model = reference_model(runner.loader, runner.device, save_dir)
+                results = {i: self._compare(model, requests[i], runner.device) for i in compared}
+        rows = []
+        for i, r in enumerate(requests):
+            agree, diff = ((f"{results[i][0]:.3f}", f"{results[i][1]:.2e}") if i in results
+                           else ("-", "-"))
+            rows.append([i, len(r.prompt_token_ids), len(r.output_token_ids), agree, diff,
+                         r.error or ""])
         print_table("runner vs transformers (teacher-forced, float32 reference)",
-                    ["#", "prompt len", "tokens", "agreement", "max |dlogprob|"],
-                    [[i, r[0], r[1], f"{r[2]:.3f}", f"{r[3]:.2e}"] for i, r in enumerate(rows)])
-        agreement = min(r[2] for r in rows)
-        max_diff = max(r[3] for r in rows)
-        ok = agreement >= self.min_agreement and max_diff <= self.logprob_tolerance
-        console.print(f"verify {'passed' if ok else 'FAILED'}: min agreement {agreement:.3f} "
-                      f"(need {self.min_agreement}), max logprob diff {max_diff:.2e} "
-                      f"(tolerance {self.logprob_tolerance})")
+                    ["#", "prompt len", "tokens", "agreement", "max |dlogprob|", "error"], rows)
+        agreement = min((a for a, _ in results.values()), default=None)
+        max_diff = max((d for _, d in results.values()), default=None)
+        ok = (not failed and agreement >= self.min_agreement
+              and max_diff <= self.logprob_tolerance)
+        summary = self._summary(agreement, max_diff, failed, len(requests))
+        console.print(f"verify {'passed' if ok else 'FAILED'}: {summary}", markup=False,
+                      highlight=False, soft_wrap=True)
         return {"min_agreement": agreement, "max_logprob_diff": max_diff,
-                "exit_code": 0 if ok else 1}
+                "failed_requests": len(failed), "exit_code": 0 if ok else 1}
+
+    def _summary(self, agreement, max_diff, failed, num_requests: int) -> str:
+        """One line: the worst agreement and logprob difference, then any failed request."""
+        parts = []
+        if agreement is not None:
+            parts.append(f"min agreement {agreement:.3f} (need {self.min_agreement}), max logprob "
+                         f"diff {max_diff:.2e} (tolerance {self.logprob_tolerance})")
+        if failed:
+            index, error = failed[0]
+            parts.append(f"{len(failed)} of {num_requests} requests ended with an error "
+                         f"(prompt {index}: {error})")
+        return "; ".join(parts)
 
     @torch.inference_mode()
-    def _compare(self, model, request, device) -> tuple[int, int, float, float]:
+    def _compare(self, model, request, device) -> tuple[float, float]:
+        """(greedy agreement with transformers, largest |logprob difference|)."""
         prompt, output = request.prompt_token_ids, request.output_token_ids
         full = torch.tensor([prompt + output], device=device)
         logits = model(full).logits[0, len(prompt) - 1:-1].float()  # predicts each output token
@@ -81,4 +117,4 @@ class VerifyTask:
         agree = (logits.argmax(-1) == ours).float().mean().item()
         theirs = logprobs.gather(1, ours[:, None]).squeeze(1).cpu()
         diff = (theirs - torch.tensor(request.logprobs)).abs().max().item()
-        return len(prompt), len(output), agree, diff
+        return agree, diff
