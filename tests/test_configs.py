@@ -302,3 +302,10 @@ def test_a_cpu_kv_cache_larger_than_memory_is_refused():
     cfg = compose_config(["model=tiny", "device=cpu", "scheduler.max_num_seqs=10000000"])
     with pytest.raises(RunnerError, match="scheduler.max_num_seqs=10000000 .* GiB"):
         build_runner(cfg)
+
+
+@pytest.mark.parametrize("field", ["vocab_size=0", "num_hidden_layers=0", "hidden_size=-64"])
+def test_a_size_field_below_one_is_refused_by_name(field):
+    name = field.split("=")[0]
+    with pytest.raises(RunnerError, match=f"model.hf_config: {name}=.* must be an integer >= 1"):
+        check_config(compose_config(["model=tiny", "device=cpu", f"model.hf_config.{field}"]))

@@ -17,6 +17,11 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 # config.json "model_type" of each architecture, to build a config from the shape fields
 MODEL_TYPES = {"DeepseekV2ForCausalLM": "deepseek_v2", "LlamaForCausalLM": "llama",
                "Qwen2ForCausalLM": "qwen2"}
+# config fields that size tensors: each must be a positive integer where the config has it
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "kv_lora_rank",
+               "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "moe_intermediate_size",
+               "n_routed_experts", "num_experts_per_tok", "max_position_embeddings")
 
 
 class HFModelLoader:
@@ -62,6 +67,11 @@ class HFModelLoader:
                 except (ValueError, TypeError) as e:
                     message = str(e).splitlines()[0] if str(e) else type(e).__name__
                     raise RunnerError(f"model.hf_config: {message}") from None
+            for name in SIZE_FIELDS:
+                size = getattr(self._config, name, None)
+                if size is not None and (not isinstance(size, int) or size < 1):
+                    source = f"model.path={self.path}" if self.path else "model.hf_config"
+                    raise RunnerError(f"{source}: {name}={size!r} must be an integer >= 1")
         return self._config
 
     @property
