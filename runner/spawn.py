@@ -104,7 +104,8 @@ def _collect(procs, results) -> Any:
             elif status == "error":
                 raise RunnerError(f"rank {rank}: {payload}")
             else:
-                _raise_killed(procs)  # a peer's broken collective is a symptom, not the cause
+                # a peer's broken collective is a symptom, not the cause
+                _raise_vanished(procs, ok_ranks, results)
                 print(f"rank {rank} failed:\n{payload}", file=sys.stderr, flush=True)
                 raise RunnerError(f"rank {rank} failed: {payload.splitlines()[0]}")
         if len(ok_ranks) == len(procs):
@@ -134,13 +135,17 @@ def _how_it_ended(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
-def _raise_killed(procs, wait_s: float = 1.0) -> None:
-    """If a rank was killed by a signal (its peers then fail in collectives), name it."""
+def _raise_vanished(procs, ok_ranks: set[int], results, wait_s: float = 1.0) -> None:
+    """If a rank was killed by a signal, or exited without reporting anything (its peers then
+    fail in collectives), name it."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         for r, p in enumerate(procs):
             if p.exitcode is not None and p.exitcode < 0:
                 raise RunnerError(f"rank {r} {_how_it_ended(p.exitcode)}; the run was stopped")
+            if p.exitcode == 0 and r not in ok_ranks and results.empty():
+                raise RunnerError(f"rank {r} {_how_it_ended(0)} without a result; the run was "
+                                  f"stopped")
         time.sleep(0.05)
 
 

@@ -80,7 +80,7 @@ def test_torchrun_two_ranks_give_tp1_tokens(tmp_path):
 
 
 def fail_on_one_rank(cfg, rank: int, how: str, bad_rank: int, waiting: str, stamp: str) -> None:
-    """Rank function: `bad_rank` raises or SIGKILLs itself. The others wait in a barrier
+    """Rank function: `bad_rank` raises, exits 0 or SIGKILLs itself. The others wait in a barrier
     (`collective`), sleep outside any collective (`sleep`: only the launcher can stop them), or
     rank 0 sleeps and the rest wait in the barrier (`mixed`)."""
     import torch.distributed as dist
@@ -89,6 +89,8 @@ def fail_on_one_rank(cfg, rank: int, how: str, bad_rank: int, waiting: str, stam
         Path(stamp).write_text(str(time.time()))
         if how == "raise":
             raise ValueError(f"injected failure on rank {rank}")
+        if how == "exit":
+            os._exit(0)  # no result, no error: only its exit is seen
         os.kill(os.getpid(), signal.SIGKILL)
     if waiting == "sleep" or (waiting == "mixed" and rank == 0):
         time.sleep(300)
@@ -97,6 +99,7 @@ def fail_on_one_rank(cfg, rank: int, how: str, bad_rank: int, waiting: str, stam
 
 @pytest.mark.parametrize("how, world_size, bad_rank, waiting, cause", [
     ("raise", 3, 1, "mixed", "ValueError: injected failure on rank 1"),
+    ("exit", 2, 1, "collective", "exited with status 0 without a result"),
     ("kill", 4, 2, "sleep", "killed by signal 9"),
     ("kill", 4, 2, "collective", "killed by signal 9"),
 ])
