@@ -22,24 +22,26 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
-
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def sampling_problem(params: SamplingParams) -> str | None:
     """What is wrong with `params`, in one line naming the field; None if nothing."""
-    is_real = isinstance(params.temperature, numbers.Real) and not isinstance(
-        params.temperature, bool)
     if not _is_int(params.max_tokens) or params.max_tokens < 1:
         return f"max_tokens={params.max_tokens!r}: must be an integer >= 1"
-    if not is_real or not math.isfinite(params.temperature) or params.temperature < 0 or (
-            0 < params.temperature < MIN_TEMPERATURE):
-        return (f"temperature={params.temperature!r}: must be 0 (greedy) or a finite number "
+    temperature = params.temperature
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0 or (
+            0 < temperature < MIN_TEMPERATURE):
+        return (f"temperature={temperature!r}: must be 0 (greedy) or a finite number "
                 f">= {MIN_TEMPERATURE}")
     if not _is_int(params.top_k) or params.top_k < 0:
         return f"top_k={params.top_k!r}: must be an integer >= 0 (0 = off)"
-    if not isinstance(params.top_p, numbers.Real) or not 0 < params.top_p <= 1:
+    if not _is_real(params.top_p) or not 0 < params.top_p <= 1:
         return f"top_p={params.top_p!r}: must be in (0, 1]"
     if not _is_int(params.seed):
         return f"seed={params.seed!r}: must be an integer"
@@ -55,6 +57,7 @@ def prompt_token_list(prompt) -> list[int]:
         return [operator.index(t) for t in tokens]
     except TypeError as e:
         raise RequestError(f"prompt token ids must be a sequence of integers ({e})") from None
+
 
 class Status(Enum):
     WAITING = "waiting"

@@ -167,8 +167,8 @@ class Runner:
                                                        self.max_num_blocks, self.device))
         num_reqs = len(batch.requests)
         num_padded = self.graph.padded_size(num_reqs)
-        self.decode_buffers.stage(batch.requests, num_padded, sources)
-        max_len = self.block_table.max_local_len(max(r.num_tokens for r in batch.requests))
+        longest = self.decode_buffers.stage(batch.requests, num_padded, sources)
+        max_len = self.block_table.max_local_len(longest)
         return self.graph.replay(self.decode_buffers.inputs(num_padded, max_len)).rows(num_reqs)
 
     def _hold(self, batch: ScheduledBatch, logits: StepLogits) -> InflightStep:

@@ -91,10 +91,11 @@ class DecodeBuffers:
         self._copies_done = torch.cuda.Event() if pin else None
 
     def stage(self, requests: list[Request], num_padded: int,
-              sources: list[int] | None = None) -> None:
+              sources: list[int] | None = None) -> int:
         """Rows [0, num_padded): real requests first, then padding rows (token 0, length 0,
-        row -1), with two host-to-device copies. `sources`: each request's row in the previous
-        decode step, whose sampled token it feeds (that token is still in flight).
+        row -1), with two host-to-device copies; returns the longest request's length.
+        `sources`: each request's row in the previous decode step, whose sampled token it
+        feeds (that token is still in flight).
         A block-table row is rewritten only when its request or block count changed (a running
         request's blocks only grow, until it is preempted); entries past a row's own blocks
         are never read."""
@@ -117,6 +118,7 @@ class DecodeBuffers:
         self.block_table[:n].copy_(self._pinned_table[:n], non_blocking=True)
         if self._copies_done is not None:
             self._copies_done.record()
+        return int(rows[1, :n].max()) if n else 0
 
     def stage_padding(self, num_padded: int) -> None:
         """Rows [0, num_padded) as padding (graph capture): slot -1, length 0."""
