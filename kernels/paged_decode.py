@@ -26,11 +26,10 @@ class DecodeConfig:
 
 # Contexts up to this many tokens (a host bound on the batch's lengths) take one split of 64-token
 # tiles at 8 warps when the batch alone about fills the GPU, which also saves the merge launch.
-# Measured on one H200 (batch 128, 16 heads x 576, pages of 16) inside the decode step: 29 us
-# against 26.8 + 3.2 (merge) at ~258 tokens, 12.6 against 15.1 us at ~40 (two stages, before the
-# table reads were pipelined; with them and three stages: 23.6 us at ~258). The bench's replays
-# (KV in L2) put the crossover near 512 (42.5 against 42.2 us); at 1024 two splits of 32-token
-# tiles win (70.1 against 77.3 us).
+# Measured on one H200 (batch 128, 16 heads x 576, pages of 16), with the table reads pipelined:
+# 23.6 us per layer inside the decode step at ~258 tokens (28.8 with two stages and the table
+# read in the loop). The bound could rise: with KV far beyond L2 these tiles took 59.8 us at 1024
+# tokens (two splits: 64.8) and 113.3 at 2048 (109.6); the tiny test models stop at 512.
 MAX_SHORT_CONTEXT = 512
 SHORT_CONTEXT_CONFIG = DecodeConfig(block_n=64, num_splits=1, num_warps=8, num_stages=3)
 
@@ -48,13 +47,13 @@ def decode_config(num_reqs: int, num_kv_heads: int, max_context: int, device: to
 def gpu_decode_config(num_programs: int, max_context: int, num_sms: int,
                       num_splits: int | None = None) -> DecodeConfig:
     """The GPU rule: num_programs = requests x kv heads (programs per split)."""
-    # NOTE: measured on one H200 (bf16, 16 heads x 576, page 64): BLOCK_N 32 beat 64 at every
-    # batch x context from 1k tokens, and one wave of about two programs per SM was best (2.6-2.9
-    # TB/s from 4k tokens up); a partial second wave (e.g. 3 splits at batch 128) cost up to 30%.
+    # Measured on one H200 (bf16, 16 heads x 576, pages of 16, batch 128, table reads pipelined):
+    # 64-token tiles, 4 warps, 2 stages, two programs per SM: 3.06 TB/s at 4k, 3.27 at 8k (32-token
+    # tiles: 2.44 and 2.55); a partial second wave (e.g. 3 splits at batch 128) cost up to 30%.
     wanted = 2 * num_sms // max(num_programs, 1)
     if num_splits is None and wanted <= 2 and max_context <= MAX_SHORT_CONTEXT:
         return SHORT_CONTEXT_CONFIG
-    block_n = 32
+    block_n = 64
     if num_splits is None:
         num_splits = max(1, min(wanted, 32, triton.cdiv(max_context, 4 * block_n)))
     return DecodeConfig(block_n, num_splits, 4, 2)

@@ -139,11 +139,13 @@ def test_bad_inputs_raise(change, match):
 def test_gpu_decode_config_short_contexts_take_one_split_when_the_batch_fills_the_gpu():
     assert gpu_decode_config(128, 300, num_sms=132) == SHORT_CONTEXT_CONFIG
     assert gpu_decode_config(128, MAX_SHORT_CONTEXT, num_sms=132) == SHORT_CONTEXT_CONFIG
-    # longer bounds, or a batch that leaves SMs idle: split-KV over 32-token tiles
-    assert gpu_decode_config(128, MAX_SHORT_CONTEXT + 1, num_sms=132) == DecodeConfig(32, 2, 4, 2)
-    assert gpu_decode_config(8, 300, num_sms=132) == DecodeConfig(32, 3, 4, 2)
-    assert gpu_decode_config(1, 8192, num_sms=132) == DecodeConfig(32, 32, 4, 2)
-    assert gpu_decode_config(128, 300, num_sms=132, num_splits=2) == DecodeConfig(32, 2, 4, 2)
+    # longer bounds, or a batch that leaves SMs idle: split-KV over 64-token tiles, up to two
+    # programs per SM and one split per 4 tiles of the bound
+    assert gpu_decode_config(128, MAX_SHORT_CONTEXT + 1, num_sms=132) == DecodeConfig(64, 2, 4, 2)
+    assert gpu_decode_config(8, 300, num_sms=132) == DecodeConfig(64, 2, 4, 2)
+    assert gpu_decode_config(8, 4096, num_sms=132) == DecodeConfig(64, 16, 4, 2)
+    assert gpu_decode_config(1, 8192, num_sms=132) == DecodeConfig(64, 32, 4, 2)
+    assert gpu_decode_config(128, 300, num_sms=132, num_splits=2) == DecodeConfig(64, 2, 4, 2)
 
 
 @pytest.mark.parametrize("max_seq_len", [1, 21, 1000])
