@@ -101,13 +101,12 @@ class MLAAttention(nn.Module):
             num_tokens, num_heads, self.kv_lora_rank + self.rope_dim)
         q_pe_roped = torch.empty_like(q_pe) if meta.is_prefill else (
             q_absorbed[:, :, self.kv_lora_rank:])
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]  # v_cache: a view of k_cache
         norm_rope = mla_norm_rope if hidden.is_cuda else mla_norm_rope_ref  # the same rounding
         norm_rope(latent, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos,
-                  sin, kv[:, 0], q_pe_roped)
+                  sin, kv[:, 0], q_pe_roped, k_cache, meta.slot_mapping)  # writes the cache too
         latent, k_pe = kv[:, 0, :self.kv_lora_rank], kv[:, :, self.kv_lora_rank:]  # [T,c] [T,1,r]
 
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        ctx.attention.write_kv(k_cache, v_cache, meta.slot_mapping, kv, None)
         if meta.is_prefill:
             q_pe = q_pe_roped
             kv_up = self.kv_b_proj(latent).view(num_tokens, num_heads, self.nope_dim + self.v_dim)

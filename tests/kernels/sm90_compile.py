@@ -27,7 +27,7 @@ CASES = {
     "rotary": ("kernels.rotary:_rotary_kernel", {"cos_ptr": FP32, "sin_ptr": FP32},
                {"INTERLEAVED": False, "BLOCK_H": 16, "BLOCK_D": 64}, {}),  # Qwen2.5's rope
     "mla_norm_rope": ("kernels.mla_norm_rope:_mla_norm_rope_kernel",
-                      {"cos_ptr": FP32, "sin_ptr": FP32},
+                      {"cos_ptr": FP32, "sin_ptr": FP32, "slots_ptr": I64},
                       {"BLOCK_C": 512, "BLOCK_H": 16, "BLOCK_R": 32}, {"num_warps": 4}),
     **{f"moe_topk_e{block_e}": (
         "kernels.moe_router:_moe_topk_kernel",

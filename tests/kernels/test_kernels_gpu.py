@@ -212,11 +212,14 @@ def test_mla_norm_rope(num_tokens):
     weight = torch.rand(LATENT_DIM, device="cuda", generator=gen).to(torch.bfloat16) + 0.5
     angles = torch.rand(num_tokens, ROPE_DIM // 2, device="cuda", generator=gen) * 100
     args = (latent, k_pe, q_pe, weight, 1e-6, angles.cos(), angles.sin())
+    slots = torch.randperm(2 * num_tokens, device="cuda", generator=gen)[:num_tokens]  # pages of 16
     outs = [(torch.empty(num_tokens, LATENT_DIM + ROPE_DIM, device="cuda", dtype=torch.bfloat16),
              torch.empty(num_tokens, NUM_HEADS, LATENT_DIM + ROPE_DIM, device="cuda",
-                         dtype=torch.bfloat16)[..., LATENT_DIM:]) for _ in range(2)]
-    mla_norm_rope(*args, *outs[0])
-    mla_norm_rope_ref(*args, *outs[1])
+                         dtype=torch.bfloat16)[..., LATENT_DIM:],
+             torch.zeros((2 * num_tokens + 15) // 16, 16, 1, LATENT_DIM + ROPE_DIM,
+                         device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+    mla_norm_rope(*args, *outs[0], slots)
+    mla_norm_rope_ref(*args, *outs[1], slots)
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2 ** -6)
 
