@@ -315,7 +315,9 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    block_h = min(triton.next_power_of_2(hidden_size), 1024)
+    # 256 columns per program: at batch 128, 1024 programs; TPOT 9.44 -> 9.42 ms against 1024
+    # columns (one H200, dsv2lite; -0.01 ms in an earlier call)
+    block_h = min(triton.next_power_of_2(hidden_size), 256)
     _wait(add_ready, x.device)
     _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
         pair_out, flat_ids, pair_out if add is None else add, out, num_experts,

@@ -1,7 +1,7 @@
 """MLA's per-token prologue in one launch (four before: an RMSNorm, two rotaries and the cache
-write): the latent's RMSNorm and the key's rotary make the cache row, written to its slot of the
-paged cache and to a plain buffer; the query's rotary writes the rope part of the attention
-query. Rounding as kernels/rms_norm.py and kernels/rotary.py (interleaved pairs, DeepSeek's
+write): the latent's RMSNorm and the key's rotary make the cache row, written to a plain buffer
+and (optionally) to its slot of the paged cache; the query's rotary writes the rope part of the
+attention query. Rounding as kernels/rms_norm.py and kernels/rotary.py (interleaved pairs, DeepSeek's
 layout): statistics and rotation in fp32, each result cast once to the input dtype."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def _mla_norm_rope_kernel(latent_ptr, k_pe_ptr, q_pe_ptr, weight_ptr, cos_ptr, s
                           kv_ptr, q_out_ptr, cache_ptr, slots_ptr, eps, latent_size, half_rope,
                           num_heads, block_size, latent_stride_t, k_pe_stride_t, q_stride_t,
                           q_stride_h, cs_stride_t, kv_stride_t, q_out_stride_t, q_out_stride_h,
-                          cache_stride_b, cache_stride_o, BLOCK_C: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+                          cache_stride_b, cache_stride_o, WRITE_CACHE: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < latent_size
@@ -28,12 +28,14 @@ def _mla_norm_rope_kernel(latent_ptr, k_pe_ptr, q_pe_ptr, weight_ptr, cos_ptr, s
     kv_row = kv_ptr + t * kv_stride_t
     normed = weighted_rms_norm(x, weight_ptr, cols, col_mask, latent_size, eps)
     tl.store(kv_row + cols, normed.to(kv_ptr.dtype.element_ty), mask=col_mask)
-    slot = tl.load(slots_ptr + t)  # int64; < 0: no cache row here (padding, another DCP rank)
-    in_cache = slot >= 0
-    slot = tl.maximum(slot, 0)
-    cache_row = (cache_ptr + (slot // block_size) * cache_stride_b
-                 + (slot % block_size) * cache_stride_o)
-    tl.store(cache_row + cols, normed.to(cache_ptr.dtype.element_ty), mask=col_mask & in_cache)
+    if WRITE_CACHE:
+        slot = tl.load(slots_ptr + t)  # int64; < 0: no row here (padding, another DCP rank)
+        in_cache = slot >= 0
+        slot = tl.maximum(slot, 0)
+        cache_row = (cache_ptr + (slot // block_size) * cache_stride_b
+                     + (slot % block_size) * cache_stride_o)
+        tl.store(cache_row + cols, normed.to(cache_ptr.dtype.element_ty),
+                 mask=col_mask & in_cache)
 
     pairs = tl.arange(0, BLOCK_R)
     pair_mask = pairs < half_rope
@@ -42,8 +44,9 @@ def _mla_norm_rope_kernel(latent_ptr, k_pe_ptr, q_pe_ptr, weight_ptr, cos_ptr, s
     # the key's rope part follows the latent in the cache row
     rotate_pairs(k_pe_ptr + t * k_pe_stride_t, kv_row + latent_size, 2 * pairs, 2 * pairs + 1,
                  cos, sin, pair_mask)
-    rotate_pairs(k_pe_ptr + t * k_pe_stride_t, cache_row + latent_size, 2 * pairs,
-                 2 * pairs + 1, cos, sin, pair_mask & in_cache)
+    if WRITE_CACHE:
+        rotate_pairs(k_pe_ptr + t * k_pe_stride_t, cache_row + latent_size, 2 * pairs,
+                     2 * pairs + 1, cos, sin, pair_mask & in_cache)
     heads = tl.arange(0, BLOCK_H)[:, None]
     rotate_pairs(q_pe_ptr + t * q_stride_t + heads * q_stride_h,
                  q_out_ptr + t * q_out_stride_t + heads * q_out_stride_h, 2 * pairs[None, :],
@@ -75,8 +78,8 @@ def _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out, cache,
         raise ValueError("mla_norm_rope: every tensor needs unit stride in its last dim")
     if sin.stride() != cos.stride() or not weight.is_contiguous():
         raise ValueError("mla_norm_rope: sin needs cos's strides and weight must be contiguous")
-    if (cache.dim() != 4 or cache.shape[2:] != (1, latent_size + rope_dim)
-            or cache.stride(-1) != 1 or cache.dtype != latent.dtype):
+    if cache is not None and (cache.dim() != 4 or cache.shape[2:] != (1, latent_size + rope_dim)
+                              or cache.stride(-1) != 1 or cache.dtype != latent.dtype):
         raise ValueError(f"mla_norm_rope: cache must be [num_blocks, B, 1, "
                          f"{latent_size + rope_dim}] {latent.dtype} with unit stride in its last "
                          f"dim; got {tuple(cache.shape)} {cache.dtype}")
@@ -90,10 +93,11 @@ def _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out, cache,
 
 def mla_norm_rope(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,
                   weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                  kv_out: torch.Tensor, q_pe_out: torch.Tensor, cache: torch.Tensor,
+                  kv_out: torch.Tensor, q_pe_out: torch.Tensor, cache: torch.Tensor | None,
                   slots: torch.Tensor) -> None:
     """kv_out [T, C + R] = [rms_norm(latent [T, C]) * weight [C], rope(k_pe [T, R])], also
-    stored at cache [num_blocks, B, 1, C + R] slot slots[t] (int64; < 0 skipped), and
+    stored (unless cache is None) at cache [num_blocks, B, 1, C + R] slot slots[t] (int64; < 0
+    skipped), and
     q_pe_out [T, H, R] = rope(q_pe [T, H, R]), cos/sin [T, R/2] fp32; rows may be strided views
     (e.g. the rope columns of the attention query)."""
     _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out, cache, slots)
@@ -101,10 +105,11 @@ def mla_norm_rope(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,
     num_heads, rope_dim = q_pe.shape[1:]
     if num_tokens:
         _mla_norm_rope_kernel[(num_tokens,)](
-            latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out, cache, slots, eps,
-            latent_size, rope_dim // 2, num_heads, cache.shape[1], latent.stride(0),
-            k_pe.stride(0), *q_pe.stride()[:2], cos.stride(0), kv_out.stride(0),
-            *q_pe_out.stride()[:2], cache.stride(0), cache.stride(1),
+            latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out,
+            kv_out if cache is None else cache, slots, eps, latent_size, rope_dim // 2, num_heads,
+            1 if cache is None else cache.shape[1], latent.stride(0), k_pe.stride(0),
+            *q_pe.stride()[:2], cos.stride(0), kv_out.stride(0), *q_pe_out.stride()[:2],
+            *((0, 0) if cache is None else cache.stride()[:2]), WRITE_CACHE=cache is not None,
             BLOCK_C=triton.next_power_of_2(latent_size),
             BLOCK_H=triton.next_power_of_2(num_heads),
             BLOCK_R=triton.next_power_of_2(rope_dim // 2), num_warps=4)
@@ -112,7 +117,7 @@ def mla_norm_rope(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,
 
 def mla_norm_rope_ref(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,
                       weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                      kv_out: torch.Tensor, q_pe_out: torch.Tensor, cache: torch.Tensor,
+                      kv_out: torch.Tensor, q_pe_out: torch.Tensor, cache: torch.Tensor | None,
                       slots: torch.Tensor) -> None:
     """Plain-torch `mla_norm_rope`."""
     _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out, cache, slots)
@@ -120,4 +125,5 @@ def mla_norm_rope_ref(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tens
     kv_out[:, :latent_size] = rms_norm_ref(latent, weight, eps)
     kv_out[:, latent_size:] = rotary_ref(k_pe[:, None], cos, sin, interleaved=True)[:, 0]
     q_pe_out.copy_(rotary_ref(q_pe, cos, sin, interleaved=True))
-    write_kv_ref(cache, slots, kv_out[:, None])
+    if cache is not None:
+        write_kv_ref(cache, slots, kv_out[:, None])

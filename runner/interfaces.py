@@ -47,6 +47,10 @@ class AttentionBackend(Protocol):  # conf/attention
     # rank-local context bounds at which decode launches differently (CUDA graphs capture each
     # batch size once per bound, and once at the longest context); a backend without it: none
     decode_length_buckets: tuple[int, ...]
+    # True: write_kv only stores rows at slot_mapping in kv_cache_shape's layout, so a model may
+    # store its key rows itself inside a fused kernel (the MLA prologue) instead of calling
+    # write_kv; a backend without it: False (write_kv is always called)
+    fused_kv_write: bool
 
     def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:
         """Shape of one layer's cache tensor."""

@@ -181,9 +181,9 @@ class PagedBatch:
         for row, req_ids in enumerate(ids):
             self.block_table[row, :len(req_ids)] = req_ids
 
-    def context(self, seq_lens: list[int], num_new: list[int]):
+    def context(self, seq_lens: list[int], num_new: list[int], attention=None):
         """(positions [T], ForwardContext) of a step where request r adds its last num_new[r]
-        tokens (prefill when num_new == seq_lens)."""
+        tokens (prefill when num_new == seq_lens); attention defaults to TorchAttention()."""
         from runner.attention.torch_ref import TorchAttention
         from runner.forward_context import AttentionMetadata, ForwardContext
 
@@ -201,7 +201,7 @@ class PagedBatch:
             query_start_loc=torch.tensor(starts, dtype=torch.int32), query_start_loc_cpu=starts,
             seq_lens=lens, local_seq_lens=lens, block_table=self.block_table,
             max_local_seq_len=max(seq_lens))
-        return positions, ForwardContext(meta, self.kv_caches, TorchAttention())
+        return positions, ForwardContext(meta, self.kv_caches, attention or TorchAttention())
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -19,11 +19,14 @@ def test_the_smallest_bound_that_holds_the_batch():
     assert graph.length_bound(4097) is None  # no graph: the step runs eagerly
 
 
-def test_backends_name_their_decode_length_buckets():
+def test_backends_name_their_decode_length_buckets_and_fused_kv_write():
     assert TritonAttention.decode_length_buckets == (MAX_SHORT_CONTEXT,)
     assert TorchAttention.decode_length_buckets == ()
     assert DCPAttention(TritonAttention(), group=None).decode_length_buckets == (
         MAX_SHORT_CONTEXT,)
+    # the DCP wrapper passes the opt-in through (the slot mapping it writes at is rank-local)
+    assert DCPAttention(TritonAttention(), group=None).fused_kv_write is True
+    assert DCPAttention(TorchAttention(), group=None).fused_kv_write is False
 
 
 def test_decode_steps_write_their_logits_into_one_buffer():

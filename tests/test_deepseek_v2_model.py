@@ -18,6 +18,7 @@ from transformers import DeepseekV2ForCausalLM as HFDeepseekV2ForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import (DeepseekV2Attention,
                                                                   DeepseekV2RotaryEmbedding)
 
+from runner.attention.torch_ref import TorchAttention
 from runner.errors import RunnerError
 from runner.models.deepseek_v2 import DeepseekV2ForCausalLM, checkpoint_shapes
 from runner.models.layers.moe import DeepseekMoE, fused_moe
@@ -64,15 +65,15 @@ def _load(config, weights: dict, plan: ParallelPlan | None = None) -> DeepseekV2
     return model
 
 
-def _prefill_then_decode(model, prompts: list[list[int]], next_ids: list[int]
+def _prefill_then_decode(model, prompts: list[list[int]], next_ids: list[int], attention=None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of a batched prefill [T, V], then of one decode step per request [R, V]."""
     lengths = [len(p) for p in prompts]
     batch = PagedBatch(model, [n + 1 for n in lengths])
     with torch.no_grad():
-        positions, ctx = batch.context(lengths, lengths)
+        positions, ctx = batch.context(lengths, lengths, attention)
         prefill = model.compute_logits(model(torch.tensor(sum(prompts, [])), positions, ctx))
-        positions, ctx = batch.context([n + 1 for n in lengths], [1] * len(lengths))
+        positions, ctx = batch.context([n + 1 for n in lengths], [1] * len(lengths), attention)
         assert not ctx.attn_meta.is_prefill
         decode = model.compute_logits(model(torch.tensor(next_ids), positions, ctx))
     return prefill, decode
@@ -106,6 +107,25 @@ def test_prefill_and_decode_logits_match_transformers(checkpoint):
     assert (prefill - expected_prefill).abs().max().item() <= 1e-4
     assert (decode - expected_decode).abs().max().item() <= 1e-4
     assert expected_decode.std() > 0.3  # the comparison is not between near-zero logits
+
+
+class _FusedWriteAttention(TorchAttention):
+    """Torch attention that lets the model store its cache rows itself (as the Triton backend
+    does, in MLA's prologue kernel) and fails if write_kv is called anyway."""
+    fused_kv_write = True
+
+    def write_kv(self, k_cache, v_cache, slot_mapping, key, value) -> None:
+        raise AssertionError("write_kv was called although the backend lets the model write")
+
+
+def test_mla_stores_its_cache_rows_itself_when_the_backend_allows(checkpoint):
+    config, hf_model, _, weights = checkpoint
+    prompts, next_ids = _prompts_and_next(config.vocab_size)
+    prefill, decode = _prefill_then_decode(_load(config, weights), prompts, next_ids,
+                                           _FusedWriteAttention())
+    expected_prefill, expected_decode = _expected(hf_model, prompts, next_ids)
+    assert (prefill - expected_prefill).abs().max().item() <= 1e-4
+    assert (decode - expected_decode).abs().max().item() <= 1e-4  # decode read those rows
 
 
 def _parallel_worker(rank: int, port: int, config, weights_path, ep: bool, out_path) -> None:

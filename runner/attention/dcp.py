@@ -41,6 +41,10 @@ class DCPAttention:
     def decode_length_buckets(self) -> tuple[int, ...]:
         return self.backend.decode_length_buckets  # rank-local lengths: the backend's own
 
+    @property
+    def fused_kv_write(self) -> bool:
+        return getattr(self.backend, "fused_kv_write", False)  # the slots are rank-local too
+
     def kv_cache_shape(self, spec, num_blocks: int, block_size: int) -> tuple:
         return self.backend.kv_cache_shape(spec, num_blocks, block_size)
 

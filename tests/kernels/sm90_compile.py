@@ -28,7 +28,8 @@ CASES = {
                {"INTERLEAVED": False, "BLOCK_H": 16, "BLOCK_D": 64}, {}),  # Qwen2.5's rope
     "mla_norm_rope": ("kernels.mla_norm_rope:_mla_norm_rope_kernel",
                       {"cos_ptr": FP32, "sin_ptr": FP32, "slots_ptr": I64},
-                      {"BLOCK_C": 512, "BLOCK_H": 16, "BLOCK_R": 32}, {"num_warps": 4}),
+                      {"WRITE_CACHE": True, "BLOCK_C": 512, "BLOCK_H": 16, "BLOCK_R": 32},
+                      {"num_warps": 4}),
     **{f"moe_topk_e{block_e}": (
         "kernels.moe_router:_moe_topk_kernel",
         {"partial_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64},
@@ -44,7 +45,7 @@ CASES = {
                   {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
                   {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024}, {}),
     "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"pair_out_ptr": FP32, "ids_ptr": I64},
-                {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 1024}, {}),
+                {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 256}, {}),
     **{f"paged_decode_mla_n{block_n}": (
         "kernels.paged_decode:_paged_decode_kernel",
         {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},

@@ -45,20 +45,22 @@ def _outputs(num_tokens, num_heads, latent_size, rope_dim, dtype):
     (1, 1, 8, 2),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference(num_tokens, num_heads, latent_size, rope_dim, dtype):
+@pytest.mark.parametrize("write_cache", [True, False])
+def test_matches_reference(num_tokens, num_heads, latent_size, rope_dim, dtype, write_cache):
     inputs = _inputs(num_tokens, num_heads, latent_size, rope_dim, dtype, seed=latent_size)
     got = _outputs(num_tokens, num_heads, latent_size, rope_dim, dtype)
     want = _outputs(num_tokens, num_heads, latent_size, rope_dim, dtype)
-    mla_norm_rope(*inputs, *got)
-    mla_norm_rope_ref(*inputs, *want)
+    kv_out, _, cache, slots = got
+    # without a cache (the attention backend writes it), the cache is left untouched
+    mla_norm_rope(*inputs, *got[:2], cache if write_cache else None, slots)
+    mla_norm_rope_ref(*inputs, *want[:2], want[2] if write_cache else None, want[3])
     # bf16: the norm rounds twice (normed, then times the weight); each may differ by an ulp
     tol = 1e-6 if dtype == torch.float32 else 2 ** -6
     for g, w in zip(got[:2], want[:2]):
         assert not g.isnan().any()
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
-    kv_out, _, cache, slots = got
     rows = cache.view(-1, kv_out.shape[1])  # [blocks * B, C + R]
-    kept = slots >= 0
+    kept = (slots >= 0) & write_cache
     assert torch.equal(rows[slots[kept]], kv_out[kept])  # the cache row is the kv_out row
     assert rows.isnan().all(dim=1).sum() == rows.shape[0] - int(kept.sum())  # nothing else
     torch.testing.assert_close(cache, want[2], rtol=tol, atol=tol, equal_nan=True)
