@@ -128,6 +128,31 @@ def test_mla_stores_its_cache_rows_itself_when_the_backend_allows(checkpoint):
     assert (decode - expected_decode).abs().max().item() <= 1e-4  # decode read those rows
 
 
+def _greedy_tokens(cfg, rank: int, attention_class, prompts: list[list[int]]) -> list[list[int]]:
+    """Rank function: greedy tokens of `prompts` with an attention backend of attention_class."""
+    from runner.build import build_runner
+    from runner.request import SamplingParams
+    runner = build_runner(cfg, attention=attention_class())
+    try:
+        outputs = runner.generate(prompts, params=SamplingParams(max_tokens=6, ignore_eos=True))
+    finally:
+        runner.shutdown()
+    return [o.token_ids for o in outputs]
+
+
+def test_mla_stores_rank_local_cache_rows_itself_under_dcp(monkeypatch):
+    """DCP hands the prologue each rank's own slot mapping (-1 for rows another rank stores)."""
+    from runner.compose import compose_config
+    from runner.launch import launch
+    monkeypatch.setenv("DCP_RUNNER_COLLECTIVE_TIMEOUT", "120")  # a hang fails, not waits
+    prompts = [[5, 9, 2], [(7 * i) % 500 + 1 for i in range(29)]]  # 29: several blocks per rank
+    base = ["model=tiny", "device=cpu", "print_config=false", "block_table.block_size=4"]
+    expected = _greedy_tokens(compose_config(base), 0, TorchAttention, prompts)
+    got = launch(compose_config(base + ["parallel.dcp=2"]), _greedy_tokens, _FusedWriteAttention,
+                 prompts)
+    assert got == expected
+
+
 def _parallel_worker(rank: int, port: int, config, weights_path, ep: bool, out_path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
