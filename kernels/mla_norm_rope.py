@@ -1,8 +1,8 @@
 """MLA's per-token prologue in one launch (four before: an RMSNorm, two rotaries and the cache
 write): the latent's RMSNorm and the key's rotary make the cache row, written to a plain buffer
 and (optionally) to its slot of the paged cache; the query's rotary writes the rope part of the
-attention query. Rounding as kernels/rms_norm.py and kernels/rotary.py (interleaved pairs, DeepSeek's
-layout): statistics and rotation in fp32, each result cast once to the input dtype."""
+attention query. Rounding as kernels/rms_norm.py and kernels/rotary.py (interleaved pairs,
+DeepSeek's layout): statistics and rotation in fp32, each result cast once to the input dtype."""
 from __future__ import annotations
 
 import torch
@@ -95,11 +95,10 @@ def mla_norm_rope(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,
                   weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                   kv_out: torch.Tensor, q_pe_out: torch.Tensor, cache: torch.Tensor | None,
                   slots: torch.Tensor) -> None:
-    """kv_out [T, C + R] = [rms_norm(latent [T, C]) * weight [C], rope(k_pe [T, R])], also
-    stored (unless cache is None) at cache [num_blocks, B, 1, C + R] slot slots[t] (int64; < 0
-    skipped), and
+    """kv_out [T, C + R] = [rms_norm(latent [T, C]) * weight [C], rope(k_pe [T, R])] and
     q_pe_out [T, H, R] = rope(q_pe [T, H, R]), cos/sin [T, R/2] fp32; rows may be strided views
-    (e.g. the rope columns of the attention query)."""
+    (e.g. the rope columns of the attention query). Unless cache is None, each kv_out row is also
+    stored in cache [num_blocks, B, 1, C + R] at slot slots[t] (int64; < 0 skipped)."""
     _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out, cache, slots)
     num_tokens, latent_size = latent.shape
     num_heads, rope_dim = q_pe.shape[1:]

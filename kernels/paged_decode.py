@@ -29,7 +29,8 @@ class DecodeConfig:
 # Measured on one H200 (batch 128, 16 heads x 576, pages of 16), with the table reads pipelined:
 # 23.6 us per layer inside the decode step at ~258 tokens (28.8 with two stages and the table
 # read in the loop). The bound could rise: with KV far beyond L2 these tiles took 59.8 us at 1024
-# tokens (two splits: 64.8) and 113.3 at 2048 (109.6); the tiny test models stop at 512.
+# tokens (two splits: 64.8) and 113.3 at 2048 (109.6); at 512 the GPU tests cross it within the
+# tiny models' 512 positions.
 MAX_SHORT_CONTEXT = 512
 SHORT_CONTEXT_CONFIG = DecodeConfig(block_n=64, num_splits=1, num_warps=8, num_stages=3)
 

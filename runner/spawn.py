@@ -3,8 +3,9 @@ started), set up torch.distributed, and tear everything down when any rank fails
 
 Spawned ranks rendezvous on 127.0.0.1 at a free port; rank 0's result comes back through a
 queue, pickled by value (a tensor sent as-is would be shared through a file descriptor that
-vanishes if the rank exits before the parent reads it). If a rank raises or dies (even by SIGKILL), the others are killed at once and the cause is
-raised here as one RunnerError (a non-RunnerError also prints the rank's traceback, once).
+vanishes if the rank exits before the parent reads it). If a rank raises or dies (even by
+SIGKILL), the others are killed at once and the cause is raised here as one RunnerError (a
+non-RunnerError also prints the rank's traceback, once).
 """
 from __future__ import annotations
 
