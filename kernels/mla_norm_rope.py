@@ -83,9 +83,14 @@ def _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out, cache,
         raise ValueError(f"mla_norm_rope: cache must be [num_blocks, B, 1, "
                          f"{latent_size + rope_dim}] {latent.dtype} with unit stride in its last "
                          f"dim; got {tuple(cache.shape)} {cache.dtype}")
-    if slots.shape != (num_tokens,) or slots.dtype != torch.int64:
+    if cache is not None and (slots.shape != (num_tokens,) or slots.dtype != torch.int64):
         raise ValueError(f"mla_norm_rope: slots must be [T={num_tokens}] int64; got "
                          f"{tuple(slots.shape)} {slots.dtype}")
+    tensors = (latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out) + (
+        () if cache is None else (cache, slots))
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"mla_norm_rope: every tensor must be on one device; got "
+                         f"{sorted({str(t.device) for t in tensors})}")
     if kv_out.dtype != latent.dtype or q_pe_out.dtype != q_pe.dtype:
         raise ValueError(f"mla_norm_rope: kv_out and q_pe_out must be {latent.dtype} and "
                          f"{q_pe.dtype}; got {kv_out.dtype} and {q_pe_out.dtype}")

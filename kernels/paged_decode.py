@@ -32,6 +32,9 @@ class DecodeConfig:
 # tokens (two splits: 64.8) and 113.3 at 2048 (109.6); at 512 the GPU tests cross it within the
 # tiny models' 512 positions.
 MAX_SHORT_CONTEXT = 512
+# Splits (long contexts, or batches that leave SMs idle) cover at least this many tokens, the rule
+# of the 32-token tiles before (small batches were not re-measured with the 64-token tiles).
+MIN_SPLIT_TOKENS = 128
 SHORT_CONTEXT_CONFIG = DecodeConfig(block_n=64, num_splits=1, num_warps=8, num_stages=3)
 
 
@@ -54,10 +57,9 @@ def gpu_decode_config(num_programs: int, max_context: int, num_sms: int,
     wanted = 2 * num_sms // max(num_programs, 1)
     if num_splits is None and wanted <= 2 and max_context <= MAX_SHORT_CONTEXT:
         return SHORT_CONTEXT_CONFIG
-    block_n = 64
     if num_splits is None:
-        num_splits = max(1, min(wanted, 32, triton.cdiv(max_context, 4 * block_n)))
-    return DecodeConfig(block_n, num_splits, 4, 2)
+        num_splits = max(1, min(wanted, 32, triton.cdiv(max_context, MIN_SPLIT_TOKENS)))
+    return DecodeConfig(64, num_splits, 4, 2)
 
 
 @triton.jit

@@ -29,6 +29,7 @@ def _expand_kv(x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
 class TorchAttention:
     returns_lse = True
     decode_length_buckets = ()  # decode's shapes follow the length bound; no launch to tune
+    fused_kv_write = False  # every cache write goes through write_kv
 
     def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:
         per_tensor = (num_blocks, block_size, spec.num_kv_heads, spec.head_size)

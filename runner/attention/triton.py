@@ -27,8 +27,13 @@ def one_masked_call(prompt_lengths: list[int]) -> bool:
 
 class TritonAttention:
     returns_lse = True  # decode; prefill returns lse None (nothing combines prefill outputs)
-    decode_length_buckets = (MAX_SHORT_CONTEXT,)  # short contexts: other decode tiles
-    fused_kv_write = True  # write_kv stores plain rows: MLA's prologue kernel may store them
+    decode_length_buckets = (MAX_SHORT_CONTEXT,)  # short contexts: one split, no merge
+
+    @property
+    def fused_kv_write(self) -> bool:
+        """write_kv stores plain rows, so MLA's prologue kernel may store them instead; not for
+        a subclass that overrides write_kv (it gets every call)."""
+        return type(self).write_kv is TritonAttention.write_kv
 
     def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:
         per_tensor = (num_blocks, block_size, spec.num_kv_heads, spec.head_size)

@@ -11,6 +11,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.paged_decode import gpu_decode_config
+
 H200 = GPUTarget("cuda", 90, 32)
 H200_MAX_SHARED = 232448  # bytes of shared memory one program may use (227 KiB)
 FLOAT_SCALARS = {"eps", "scale_log2", "scaling"}
@@ -46,14 +48,15 @@ CASES = {
                   {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024}, {}),
     "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"pair_out_ptr": FP32, "ids_ptr": I64},
                 {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 256}, {}),
-    **{f"paged_decode_mla_n{block_n}": (
+    **{f"paged_decode_mla_{name}": (
         "kernels.paged_decode:_paged_decode_kernel",
         {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},
-        {"HEAD_DIM_K": 576, "HEAD_DIM_V": 512, "BLOCK_H": 16, "BLOCK_N": block_n,
+        {"HEAD_DIM_K": 576, "HEAD_DIM_V": 512, "BLOCK_H": 16, "BLOCK_N": cfg.block_n,
          "BLOCK_D1": 512, "BLOCK_D2": 64, "BLOCK_DV": 512, "V_FROM_K": True,
          "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
-        {"num_warps": num_warps, "num_stages": 2})
-       for block_n, num_warps in ((32, 4), (64, 8))},  # long, short contexts (decode_config)
+        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+       for name, cfg in (("long", gpu_decode_config(128, 4096, 132)),
+                         ("short", gpu_decode_config(128, 256, 132)))},  # the runner's tiles
 }
 
 

@@ -213,15 +213,18 @@ def test_mla_norm_rope(num_tokens):
     angles = torch.rand(num_tokens, ROPE_DIM // 2, device="cuda", generator=gen) * 100
     args = (latent, k_pe, q_pe, weight, 1e-6, angles.cos(), angles.sin())
     slots = torch.randperm(2 * num_tokens, device="cuda", generator=gen)[:num_tokens]  # pages of 16
+    slots[1:2] = -1  # a row another DCP rank stores: not written
     outs = [(torch.empty(num_tokens, LATENT_DIM + ROPE_DIM, device="cuda", dtype=torch.bfloat16),
              torch.empty(num_tokens, NUM_HEADS, LATENT_DIM + ROPE_DIM, device="cuda",
                          dtype=torch.bfloat16)[..., LATENT_DIM:],
-             torch.zeros((2 * num_tokens + 15) // 16, 16, 1, LATENT_DIM + ROPE_DIM,
-                         device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+             torch.full(((2 * num_tokens + 15) // 16, 16, 1, LATENT_DIM + ROPE_DIM), float("nan"),
+                        device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
     mla_norm_rope(*args, *outs[0], slots)
     mla_norm_rope_ref(*args, *outs[1], slots)
-    for got, want in zip(*outs):
-        torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2 ** -6)
+    for got, want in zip(*outs):  # unwritten cache rows stay NaN on both sides
+        torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2 ** -6, equal_nan=True)
+    num_written = int((~outs[0][2].isnan().all(dim=-1)).sum())
+    assert num_written == int((slots >= 0).sum())
 
 
 @pytest.mark.parametrize("num_rows", [1, 128])

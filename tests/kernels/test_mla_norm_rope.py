@@ -86,6 +86,9 @@ def test_empty_batch_and_bad_shapes():
     with pytest.raises(ValueError, match="cache must be"):
         mla_norm_rope(latent, k_pe, q_pe, weight, eps, cos, sin, kv_out, q_pe_out,
                       cache[..., :16], slots)
+    with pytest.raises(ValueError, match="one device"):
+        mla_norm_rope(latent, k_pe, q_pe, weight, eps, cos, sin, kv_out, q_pe_out,
+                      cache.to("meta"), slots)
     with pytest.raises(ValueError, match="slots must be"):
         mla_norm_rope(latent, k_pe, q_pe, weight, eps, cos, sin, kv_out, q_pe_out, cache,
                       slots.int())

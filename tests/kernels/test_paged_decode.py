@@ -140,10 +140,10 @@ def test_gpu_decode_config_short_contexts_take_one_split_when_the_batch_fills_th
     assert gpu_decode_config(128, 300, num_sms=132) == SHORT_CONTEXT_CONFIG
     assert gpu_decode_config(128, MAX_SHORT_CONTEXT, num_sms=132) == SHORT_CONTEXT_CONFIG
     # longer bounds, or a batch that leaves SMs idle: split-KV over 64-token tiles, up to two
-    # programs per SM and one split per 4 tiles of the bound
+    # programs per SM and splits of at least MIN_SPLIT_TOKENS (128) tokens of the bound
     assert gpu_decode_config(128, MAX_SHORT_CONTEXT + 1, num_sms=132) == DecodeConfig(64, 2, 4, 2)
-    assert gpu_decode_config(8, 300, num_sms=132) == DecodeConfig(64, 2, 4, 2)
-    assert gpu_decode_config(8, 4096, num_sms=132) == DecodeConfig(64, 16, 4, 2)
+    assert gpu_decode_config(8, 300, num_sms=132) == DecodeConfig(64, 3, 4, 2)
+    assert gpu_decode_config(8, 2048, num_sms=132) == DecodeConfig(64, 16, 4, 2)
     assert gpu_decode_config(1, 8192, num_sms=132) == DecodeConfig(64, 32, 4, 2)
     assert gpu_decode_config(128, 300, num_sms=132, num_splits=2) == DecodeConfig(64, 2, 4, 2)
 
