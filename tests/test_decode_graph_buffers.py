@@ -28,6 +28,12 @@ def test_backends_name_their_decode_length_buckets_and_fused_kv_write():
     assert DCPAttention(TritonAttention(), group=None).fused_kv_write is True
     assert DCPAttention(TorchAttention(), group=None).fused_kv_write is False
 
+    class LoggingTriton(TritonAttention):  # its write_kv must see every write
+        def write_kv(self, k_cache, v_cache, slot_mapping, key, value) -> None:
+            super().write_kv(k_cache, v_cache, slot_mapping, key, value)
+
+    assert LoggingTriton().fused_kv_write is False
+
 
 def test_decode_steps_write_their_logits_into_one_buffer():
     runner = build_runner(compose_config(["model=tiny", "device=cpu", "scheduler.max_num_seqs=4",
