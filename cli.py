@@ -8,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from runner.compose import check_choices
 from runner.config import register_configs
 from runner.errors import RunnerError
 
@@ -48,6 +49,7 @@ def main(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        check_choices(hydra_cfg.runtime.choices)
         metrics = run(cfg, hydra_cfg.runtime.output_dir)
     except RunnerError as e:
         from runner.console import print_error

@@ -121,10 +121,10 @@ def _num_blocks(block_table, model, plan, device, kv_dtype, max_model_len, max_n
         if num_blocks * per_block * plan.world_size > memory // 2:
             raise RunnerError(
                 f"the CPU KV cache for scheduler.max_num_seqs={max_num_seqs} requests of "
-                f"max_model_len={max_model_len} tokens needs "
+                f"model.max_model_len={max_model_len} tokens needs "
                 f"{num_blocks * per_block * plan.world_size / 2**30:.1f} GiB, more than half of "
-                f"this machine's {memory / 2**30:.1f} GiB: lower them or set "
-                f"block_table.num_blocks")
+                f"this machine's {memory / 2**30:.1f} GiB: lower scheduler.max_num_seqs or "
+                f"model.max_model_len, or set block_table.num_blocks")
     num_blocks = plan.tp.min_int(num_blocks)
     per_request = -(-max_model_len // block_table.virtual_block_size)
     if num_blocks < per_request:

@@ -146,6 +146,8 @@ def test_pickled_weights_refused_unread(saved, tmp_path):
 def test_no_weights_and_no_folder(tmp_path):
     _raises("no weights", iter_safetensors, str(tmp_path))
     _raises("no such checkpoint folder", iter_safetensors, str(tmp_path / "absent"))
+    (tmp_path / "a_file").write_text("")
+    _raises("a file, not a checkpoint folder", iter_safetensors, str(tmp_path / "a_file"))
 
 
 def _write_config(path: str, data: dict | str) -> None:

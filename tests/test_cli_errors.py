@@ -103,6 +103,8 @@ RUNNER_ERRORS = {
                     ["model.path={pickle_only}", "pytorch_model.bin", "safetensors"]),
     "text_prompts_without_tokenizer": (['task.prompts=["hi"]'],
                                        ["task.prompts", "tokenizer", "task.prompt_token_ids"]),
+    "schema_as_option": (["attention=base_attention"],  # Hydra lists the schemas as options
+                         ["attention=base_attention", "schema", "auto, torch, triton"]),
 }
 GPU_ONLY_ERRORS = {
     "dsv2lite_on_cpu": (["model=dsv2lite"], ["needs a GPU", "model.requires_gpu", "model=tiny"]),

@@ -50,6 +50,16 @@ def test_every_group_has_options_and_every_model_is_covered():
     assert set(_options("model")) == set(CPU_MODELS) | set(GPU_SIZED_MODELS)
 
 
+@pytest.mark.parametrize("group,schema", [("model", "base_model"), ("attention", "base_attention"),
+                                          ("graph", "base_graph"), ("task", "base_bench")])
+def test_a_schema_is_refused_as_an_option(group, schema):
+    """Hydra lists the base_* schemas among a group's options; choosing one names the options."""
+    options = ", ".join(_options(group))
+    with pytest.raises(RunnerError, match=rf"^{group}={schema} is the schema of conf/{group}, "
+                                          rf"not an option: choose one of {options}$"):
+        compose_config([f"{group}={schema}"])
+
+
 @pytest.mark.parametrize("group,option", ALL_OPTIONS)
 def test_every_option_composes_typed_by_its_schema(group, option):
     cfg = compose_config([f"{group}={option}"])

@@ -141,8 +141,11 @@ def test_bench_where_every_request_fails_ends(runner, monkeypatch):
 
 
 @pytest.mark.parametrize("field, value", [("num_prompts", 0), ("num_prompts", -1),
-                                          ("max_tokens", 0), ("prompt_token_ids", [])])
-def test_verify_counts_refused(field, value):
+                                          ("max_tokens", 0), ("prompt_token_ids", []),
+                                          ("min_agreement", 2.0), ("min_agreement", -0.1),
+                                          ("logprob_tolerance", -1.0),
+                                          ("logprob_tolerance", float("nan"))])
+def test_verify_counts_and_thresholds_refused(field, value):
     with pytest.raises(RunnerError, match=rf"^task\.{field}="):
         VerifyTask(**{field: value})
 

@@ -48,7 +48,8 @@ def read_json(path: str, file_name: str) -> dict:
 
 def _check_folder(path: str) -> None:
     if not os.path.isdir(path):
-        raise fail(path, "no such checkpoint folder")
+        raise fail(path, "a file, not a checkpoint folder" if os.path.exists(path)
+                   else "no such checkpoint folder")
 
 
 def load_hf_config(path: str) -> PretrainedConfig:

@@ -5,7 +5,7 @@ import json
 import os
 import time
 
-from runner.console import RequestProgress, print_error, print_table
+from runner.console import RequestProgress, console, print_error, print_table
 from runner.errors import RunnerError
 from runner.request import SamplingParams, sampling_problem
 from runner.tasks.prompts import (check_prompt_sources, check_token_ids, read_prompts_file,
@@ -67,6 +67,7 @@ class GenerateTask:
             if self.output:
                 with open(self.output, "w", encoding="utf-8") as f:
                     json.dump({"outputs": [o.to_json() for o in outputs]}, f, indent=1)
+                console.print(f"wrote {os.path.abspath(self.output)}")
         return {"num_requests": len(outputs), "failed_requests": len(failed),
                 "output_tokens": num_tokens, "duration_s": elapsed,
                 "output_throughput": num_tokens / max(elapsed, 1e-9),

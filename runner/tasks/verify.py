@@ -41,6 +41,10 @@ class VerifyTask:
             raise RunnerError(f"task.num_prompts={num_prompts}: must be >= 1")
         if max_tokens < 1:
             raise RunnerError(f"task.max_tokens={max_tokens}: must be >= 1")
+        if not 0 <= min_agreement <= 1:
+            raise RunnerError(f"task.min_agreement={min_agreement}: must be a fraction in [0, 1]")
+        if not logprob_tolerance >= 0:
+            raise RunnerError(f"task.logprob_tolerance={logprob_tolerance}: must be >= 0")
         if prompt_token_ids is not None:
             if not prompt_token_ids:
                 raise RunnerError("task.prompt_token_ids=[]: give at least one prompt, or null "
