@@ -247,6 +247,7 @@ def test_cli_prompts_file_bad_requests_fail_alone(tokenizer_checkpoint, tmp_path
     result = _cli(tmp_path, f"model.path={path}", "task.prompts_file=prompts.jsonl",
                   "task.max_tokens=12", "task.output=out.json")
     assert result.returncode != 0
+    assert "the cat sat on the mat" in result.stdout  # the table shows a text prompt as text
     outputs = _read_outputs(tmp_path / "out.json")
     assert [o["prompt_token_ids"] for o in outputs] == [[5, 6, 7, 8, 5, 9], [ref.vocab_size], [],
                                                         [7, 8, 9, 10]]

@@ -81,8 +81,8 @@ class GenerateTask:
             result = o.text if o.text is not None else str(o.token_ids)
             rows.append([i, _short(prompt), _short(result) if not o.error else f"error: {o.error}",
                          o.finish_reason])
-        title = (f"{len(outputs)} requests, {num_tokens} tokens in {elapsed:.2f} s "
-                 f"({num_tokens / max(elapsed, 1e-9):.1f} tok/s)")
+        title = (f"{len(outputs)} request{'s' * (len(outputs) != 1)}, {num_tokens} tokens in "
+                 f"{elapsed:.2f} s ({num_tokens / max(elapsed, 1e-9):.1f} tok/s)")
         print_table(title, ["#", "prompt", "output", "finish"], rows)
 
 

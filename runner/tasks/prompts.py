@@ -85,7 +85,8 @@ def resolve_prompts(prompts, prompt_token_ids, file_prompts, tokenizer, vocab_si
         if tokenizer is None and any(isinstance(p, str) for p in file_prompts):
             raise RunnerError("task.prompts_file has text prompts but model.path has no "
                               "tokenizer: give prompt_token_ids")
-        return [p if isinstance(p, list) else _encode(tokenizer, p) for p in file_prompts], None
+        return ([p if isinstance(p, list) else _encode(tokenizer, p) for p in file_prompts],
+                [p if isinstance(p, str) else str(p) for p in file_prompts])
     if prompts is not None:
         if tokenizer is None:
             raise RunnerError("task.prompts needs a tokenizer at model.path: give "
