@@ -21,6 +21,7 @@ def reference_model(loader, device: torch.device, save_dir: str):
     weights written to `save_dir` as one)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     path = loader.path
     if loader.load_format == "dummy":
@@ -31,7 +32,14 @@ def reference_model(loader, device: torch.device, save_dir: str):
         save_file(tensors, f"{save_dir}/model.safetensors", metadata={"format": "pt"})
         loader.hf_config().save_pretrained(save_dir)
         path = save_dir
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would split the report
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    return model.to(device).eval()
 
 
 class VerifyTask:
