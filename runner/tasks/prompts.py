@@ -96,4 +96,3 @@ def resolve_prompts(prompts, prompt_token_ids, file_prompts, tokenizer, vocab_si
         return [_encode(tokenizer, p) for p in DEMO_TEXTS], list(DEMO_TEXTS)
     rng = random.Random(seed)
     return [[rng.randrange(vocab_size) for _ in range(n)] for n in (3, 8, 21, 40)], None
-
