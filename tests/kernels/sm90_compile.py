@@ -46,7 +46,7 @@ CASES = {
     "moe_align": ("kernels.fused_moe:_align_kernel",
                   {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
                   {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024}, {}),
-    "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"pair_out_ptr": FP32, "ids_ptr": I64},
+    "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"ids_ptr": I64},
                 {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 256}, {}),
     **{f"paged_decode_mla_{name}": (
         "kernels.paged_decode:_paged_decode_kernel",
@@ -62,8 +62,7 @@ CASES = {
 
 MOE_GEMM_POINTERS = {
     "_gate_up_kernel": {"sorted_pairs_ptr": I32, "block_experts_ptr": I32},
-    "_down_kernel": {"pair_out_ptr": FP32, "sorted_pairs_ptr": I32, "block_experts_ptr": I32,
-                     "weights_ptr": FP32},
+    "_down_kernel": {"sorted_pairs_ptr": I32, "block_experts_ptr": I32, "weights_ptr": FP32},
 }
 
 
