@@ -1,8 +1,7 @@
 """Triton fused MoE for decode: pairs (token, choice) sorted by expert into BLOCK_M-padded segments,
 a grouped GEMM for gate and up (silu(gate) * up), one for down (times the router weight), a
 fixed-order sum over choices, to which an optional per-token input (DeepSeek's shared experts'
-output) is added, optionally followed by the next residual add and RMSNorm in the same kernel.
-Worst-case static buffers: no host sync, CUDA-graph safe."""
+output) is added. Worst-case static buffers: no host sync, CUDA-graph safe."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -12,7 +11,6 @@ import triton
 import triton.language as tl
 
 from kernels.dot_operands import DOT_DTYPES, dot_operands, interpreting
-from kernels.rms_norm import rms_norm, weighted_rms_norm
 
 
 @dataclass(frozen=True)
@@ -195,16 +193,11 @@ def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_
 
 
 @triton.jit
-def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, residual_ptr, norm_weight_ptr,
-                        summed_ptr, num_experts, hidden_size, eps, out_stride_p, add_stride_t,
-                        out_stride_t, residual_stride_t, summed_stride_t,
-                        TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
-    """moe = (add[t] if HAS_ADD) + sum over k in order of pair_out[t*K + k], skipping pairs
-    with no local expert; in fp32, rounded to out's dtype. Without NORM, out[t] = moe; with NORM
-    (BLOCK_H covers the row), rms_norm's residual add and norm follow in the same program:
-    summed[t] = moe + residual[t], out[t] = its weighted RMSNorm (the same rounding). The unrolled
-    k loop issues its K independent loads at once."""
+def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, num_experts,
+                        hidden_size, out_stride_p, add_stride_t, out_stride_t,
+                        TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = (add[t] if HAS_ADD) + sum over k in order of pair_out[t*K + k], skipping pairs
+    with no local expert; in fp32. The unrolled k loop issues its K independent loads at once."""
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < hidden_size
@@ -218,15 +211,8 @@ def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, residual_ptr, n
         local = (expert >= 0) & (expert < num_experts)
         acc += tl.load(pair_out_ptr + pair.to(tl.int64) * out_stride_p + cols,
                        mask=col_mask & local, other=0.0).to(tl.float32)
-    moe = acc.to(out_ptr.dtype.element_ty)
-    if NORM:
-        residual = tl.load(residual_ptr + token.to(tl.int64) * residual_stride_t + cols,
-                           mask=col_mask, other=0.0)
-        moe = (moe.to(tl.float32) + residual.to(tl.float32)).to(moe.dtype)
-        tl.store(summed_ptr + token.to(tl.int64) * summed_stride_t + cols, moe, mask=col_mask)
-        moe = weighted_rms_norm(moe, norm_weight_ptr, cols, col_mask, hidden_size, eps)
     tl.store(out_ptr + token.to(tl.int64) * out_stride_t + cols,
-             moe.to(out_ptr.dtype.element_ty), mask=col_mask)
+             acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
@@ -258,18 +244,6 @@ def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                          f"stride on {x.device}, got {tuple(add.shape)} on {add.device}")
 
 
-def _check_norm_inputs(x: torch.Tensor, residual: torch.Tensor | None,
-                       norm_weight: torch.Tensor) -> None:
-    if norm_weight.shape != (x.shape[1],) or norm_weight.device != x.device:
-        raise ValueError(f"norm_weight must be [H={x.shape[1]}] on {x.device}, got "
-                         f"{tuple(norm_weight.shape)} on {norm_weight.device}")
-    if residual is None or (residual.shape != x.shape or residual.stride(-1) != 1
-                            or residual.dtype != x.dtype or residual.device != x.device):
-        raise ValueError(f"residual must be [T, H]={list(x.shape)} {x.dtype} with unit column "
-                         f"stride on {x.device} when norm_weight is given, got "
-                         f"{None if residual is None else (tuple(residual.shape), residual.dtype)}")
-
-
 def _wait(event: torch.cuda.Event | None, device: torch.device) -> None:
     """Order the device's current stream's next work after `event` (no host wait)."""
     if event is not None:
@@ -298,33 +272,24 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      config: MoeConfig | None = None,
                      add: torch.Tensor | None = None,
-                     add_ready: torch.cuda.Event | None = None,
-                     residual: torch.Tensor | None = None,
-                     norm_weight: torch.Tensor | None = None,
-                     norm_eps: float = 1e-6) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """moe = add[t] + sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
+                     add_ready: torch.cuda.Event | None = None) -> torch.Tensor:
+    """add[t] + sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
     e = topk_ids[t, k].
 
     x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, K] (ids
     outside [0, E), e.g. -1 for an expert held elsewhere, contribute nothing); topk_weights
-    [T, K]; add [T, H] or None. Returns moe [T, H] in x's dtype, accumulated in fp32. config
+    [T, K]; add [T, H] or None. Returns [T, H] in x's dtype, accumulated in fp32. config
     defaults to moe_config(...). add_ready: an event recorded once `add` is written on another
     stream; only the final sum waits for it, so that work overlaps the expert GEMMs.
-    With norm_weight [H] (and residual [T, H]), returns rms_norm(moe, norm_weight, norm_eps,
-    residual) instead, i.e. (normed, moe + residual), from the final sum's kernel: the next
-    layer's residual add and norm without a launch of their own.
     """
     _check_inputs(x, w13, w2, topk_ids, topk_weights, add)
-    if norm_weight is not None:
-        _check_norm_inputs(x, residual, norm_weight)
     num_tokens, hidden_size = x.shape
     num_experts, intermediate_size = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
     out = torch.empty(num_tokens, hidden_size, dtype=x.dtype, device=x.device)
     if out.numel() == 0 or top_k == 0:
         _wait(add_ready, x.device)
-        out = out.zero_() if add is None else out.copy_(add)
-        return out if norm_weight is None else rms_norm(out, norm_weight, norm_eps, residual)
+        return out.zero_() if add is None else out.copy_(add)
     cfg = config or moe_config(num_tokens, num_experts, hidden_size, intermediate_size, x.dtype)
     block_m = cfg.block_m
     flat_ids = topk_ids.reshape(-1).contiguous()  # [P], pair p = (token p // K, choice p % K)
@@ -355,29 +320,12 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    # 256 columns per program: at batch 128, 1024 programs; TPOT 9.44 -> 9.42 ms against 1024
+    # columns (one H200, dsv2lite; -0.01 ms in an earlier call)
+    block_h = min(triton.next_power_of_2(hidden_size), 256)
     _wait(add_ready, x.device)
-    return _sum_choices(pair_out, flat_ids, num_experts, top_k, add, out, residual, norm_weight,
-                        norm_eps)
-
-
-def _sum_choices(pair_out: torch.Tensor, flat_ids: torch.Tensor, num_experts: int, top_k: int,
-                 add: torch.Tensor | None, out: torch.Tensor, residual: torch.Tensor | None,
-                 norm_weight: torch.Tensor | None, norm_eps: float):
-    """The final sum into out [T, H] (and, with norm_weight, the residual add and norm)."""
-    num_tokens, hidden_size = out.shape
-    if norm_weight is None:
-        # 256 columns per program: at batch 128, 1024 programs; TPOT 9.44 -> 9.42 ms against
-        # 1024 columns (one H200, dsv2lite; -0.01 ms in an earlier call)
-        block_h, num_warps, summed = min(triton.next_power_of_2(hidden_size), 256), 4, out
-    else:  # one program per row, as rms_norm
-        block_h = triton.next_power_of_2(hidden_size)
-        num_warps, summed = 4 if hidden_size <= 4096 else 8, torch.empty_like(out)
     _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
-        pair_out, flat_ids, pair_out if add is None else add, out,
-        out if residual is None else residual, out if norm_weight is None else norm_weight,
-        summed, num_experts, hidden_size, norm_eps, pair_out.stride(0),
-        0 if add is None else add.stride(0), out.stride(0),
-        0 if residual is None else residual.stride(0), summed.stride(0),
-        TOP_K=top_k, HAS_ADD=add is not None, NORM=norm_weight is not None, BLOCK_H=block_h,
-        num_warps=num_warps)
-    return out if norm_weight is None else (out, summed)
+        pair_out, flat_ids, pair_out if add is None else add, out, num_experts,
+        hidden_size, pair_out.stride(0), 0 if add is None else add.stride(0), out.stride(0),
+        TOP_K=top_k, HAS_ADD=add is not None, BLOCK_H=block_h)
+    return out

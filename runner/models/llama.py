@@ -16,7 +16,7 @@ from runner.errors import RunnerError
 from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from runner.models.layers.linear import RowParallelLinear, Shard, _copy_into
-from runner.models.layers.decoder_layer import DecoderLayer, run_layers
+from runner.models.layers.decoder_layer import DecoderLayer
 from runner.models.layers.mlp import GatedMLP
 from runner.models.layers.norm import RMSNorm
 from runner.models.layers.rope import RotaryEmbedding, apply_rope
@@ -201,7 +201,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, hidden] (after the last norm)."""
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.model.rotary_emb(positions)  # [T, D/2] each
-        return run_layers(self.model.layers, self.model.norm, x, cos, sin, ctx)
+        residual = None
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, cos, sin, ctx)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
                        ) -> torch.Tensor:

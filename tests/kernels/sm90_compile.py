@@ -47,10 +47,7 @@ CASES = {
                   {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
                   {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024}, {}),
     "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"ids_ptr": I64},
-                {"TOP_K": 6, "HAS_ADD": True, "NORM": False, "BLOCK_H": 256}, {}),
-    "moe_sum_norm": ("kernels.fused_moe:_sum_choices_kernel", {"ids_ptr": I64},
-                     {"TOP_K": 6, "HAS_ADD": True, "NORM": True, "BLOCK_H": 2048},
-                     {"num_warps": 4}),
+                {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 256}, {}),
     **{f"paged_decode_mla_{name}": (
         "kernels.paged_decode:_paged_decode_kernel",
         {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},

@@ -1,8 +1,7 @@
 """Triton fused MoE vs the torch fused_moe and float64 brute force (one token and choice at a
 time): ids of experts held elsewhere (-1), experts with no tokens, one expert chosen by every
 token (several row blocks), ragged tiles, a per-token input added to the sum (the shared experts'
-output), the next residual add + RMSNorm fused into the sum; on a GPU, DeepSeek-V2-Lite shapes
-and CUDA graphs."""
+output); on a GPU, DeepSeek-V2-Lite shapes and CUDA graphs."""
 import functools
 import os
 
@@ -11,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fused_moe import GemmTiles, MoeConfig, align_pairs, fused_moe_triton, moe_config
-from kernels.rms_norm import rms_norm, rms_norm_ref
 from runner.models.layers.moe import fused_moe
 
 
@@ -137,31 +135,6 @@ def test_added_input(dtype):
     torch.testing.assert_close(alone, add)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hidden_size", [32, 48])  # 48: the norm's row is a masked tile
-def test_fused_residual_norm_equals_the_sum_then_rms_norm(dtype, hidden_size):
-    """With norm_weight the final sum's kernel also does rms_norm's residual add and norm: the
-    same values as the plain output fed to rms_norm, bit for bit (the same roundings)."""
-    x, w13, w2, topk_ids, topk_weights = _case(6, 2, 5, hidden_size, 32, dtype, seed=12)
-    topk_ids[2] = -1
-    gen = torch.Generator().manual_seed(12)
-    add, residual = (torch.randn(6, hidden_size, generator=gen).to(dtype) for _ in range(2))
-    norm_weight = (torch.rand(hidden_size, generator=gen) + 0.5).to(dtype)
-    normed, summed = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, add=add,
-                                      residual=residual, norm_weight=norm_weight, norm_eps=1e-5)
-    want_normed, want_summed = rms_norm(fused_moe_triton(x, w13, w2, topk_ids, topk_weights,
-                                                         add=add), norm_weight, 1e-5, residual)
-    assert torch.equal(summed, want_summed) and torch.equal(normed, want_normed)
-    ref_normed, ref_summed = rms_norm_ref(fused_moe(x, w13, w2, topk_ids, topk_weights, add=add),
-                                          norm_weight, 1e-5, residual)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(summed, ref_summed, atol=tol, rtol=tol)
-    torch.testing.assert_close(normed, ref_normed, atol=tol, rtol=tol)
-    empty = fused_moe_triton(x[:0], w13, w2, topk_ids[:0], topk_weights[:0], add=add[:0],
-                             residual=residual[:0], norm_weight=norm_weight)
-    assert [t.shape for t in empty] == [(0, hidden_size)] * 2
-
-
 def test_float32_results_are_reproducible():
     case = _case(4, 2, 4, 32, 32, torch.float32, seed=5)
     assert torch.equal(fused_moe_triton(*case), fused_moe_triton(*case))
@@ -209,18 +182,6 @@ def test_bad_inputs_raise(change, match):
         fused_moe_triton(*change(_case(2, 2, 4, 32, 32, torch.float32, seed=7)))
 
 
-@pytest.mark.parametrize("residual, norm_weight, match", [
-    (torch.zeros(2, 32), torch.ones(16), "norm_weight must be"),
-    (None, torch.ones(32), "residual must be"),
-    (torch.zeros(2, 16), torch.ones(32), "residual must be"),
-    (torch.zeros(2, 32, dtype=torch.float64), torch.ones(32), "residual must be"),
-])
-def test_bad_norm_inputs_raise(residual, norm_weight, match):
-    with pytest.raises(ValueError, match=match):
-        fused_moe_triton(*_case(2, 2, 4, 32, 32, torch.float32, seed=7), residual=residual,
-                         norm_weight=norm_weight)
-
-
 needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
     reason="needs a CUDA GPU and TRITON_INTERPRET=0 (to compile the kernels)")
@@ -265,22 +226,6 @@ def test_gpu_deepseek_v2_lite_shapes(num_tokens, intermediate_size, dtype):
         torch_err = (fused_moe(x, w13, w2, topk_ids, topk_weights, add=add).float()
                      - want).abs().max()
         assert (out.float() - want).abs().max() <= 2 * torch_err + 1e-2 * want.abs().max()
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("num_tokens", [1, 128, 256])
-def test_gpu_fused_residual_norm_equals_the_sum_then_rms_norm(num_tokens):
-    """The next layer's residual add + RMSNorm in the final sum's kernel (TP1 decode, bf16):
-    bit for bit the plain output fed to rms_norm."""
-    x, w13, w2, topk_ids, topk_weights = _gpu_case(num_tokens)
-    residual, add = torch.randn_like(x), x.flip(0)
-    norm_weight = torch.rand(2048, device="cuda", dtype=x.dtype) + 0.5
-    got = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, add=add, residual=residual,
-                           norm_weight=norm_weight, norm_eps=1e-6)
-    want = rms_norm(fused_moe_triton(x, w13, w2, topk_ids, topk_weights, add=add), norm_weight,
-                    1e-6, residual)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.gpu

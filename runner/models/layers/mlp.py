@@ -9,7 +9,6 @@ from kernels.silu_mul import silu_mul, silu_mul_ref
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ColumnParallelLinear, RowParallelLinear
-from runner.models.layers.norm import RMSNorm
 
 
 class GatedMLP(nn.Module):
@@ -27,10 +26,7 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group, bias=bias,
                                            reduce=reduce)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                norm: RMSNorm | None = None):
-        """x [T, H] -> [T, H]; with `norm` (a decoder layer's MLP), norm(that, residual)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I/tp]: gate, then up
         act = silu_mul(gate_up) if gate_up.is_cuda else silu_mul_ref(gate_up)  # [T, I/tp]
-        out = self.down_proj(act)
-        return out if norm is None else norm(out, residual)
+        return self.down_proj(act)

@@ -19,7 +19,6 @@ from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ReplicatedLinear
 from runner.models.layers.mlp import GatedMLP
-from runner.models.layers.norm import RMSNorm
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 # Decode-sized batches use the Triton fused MoE on a GPU (graph-safe, streams expert weights);
@@ -122,26 +121,21 @@ class FusedExperts(nn.Module):
             rows.copy_(full.narrow(0, start, size))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                add: torch.Tensor | None = None, add_ready: torch.cuda.Event | None = None,
-                residual: torch.Tensor | None = None, norm: RMSNorm | None = None):
+                add: torch.Tensor | None = None,
+                add_ready: torch.cuda.Event | None = None) -> torch.Tensor:
         """add + partial sum over this rank's experts (or slices); topk_ids are global ids.
-        add_ready: the event `add` is written by, on another stream (fused_moe_triton).
-        With `norm`: norm(that, residual) -> (normed, summed), fused into the final sum's kernel
-        on the Triton path."""
+        add_ready: the event `add` is written by, on another stream (fused_moe_triton)."""
         local_ids = topk_ids
         if self.num_local_experts != self.num_experts:  # EP: other ranks' experts become -1
             local_ids = topk_ids - self.expert_start
             local_ids = local_ids.masked_fill(
                 (local_ids < 0) | (local_ids >= self.num_local_experts), -1)
         if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS:
-            fused_norm = {} if norm is None else dict(residual=residual, norm_weight=norm.weight,
-                                                      norm_eps=norm.eps)
             return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights, add=add,
-                                    add_ready=add_ready, **fused_norm)
+                                    add_ready=add_ready)
         if add_ready is not None:
             torch.cuda.current_stream(x.device).wait_event(add_ready)
-        out = fused_moe(x, self.w13, self.w2, local_ids, topk_weights, add=add)
-        return out if norm is None else norm(out, residual)
+        return fused_moe(x, self.w13, self.w2, local_ids, topk_weights, add=add)
 
 
 @functools.cache
@@ -172,10 +166,8 @@ class DeepseekMoE(nn.Module):
             config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, group,
             reduce=False) if config.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                norm: RMSNorm | None = None):
-        """x [T, H] -> [T, H], summed over ranks; with `norm`, norm(that, residual) ->
-        (normed, summed), where one rank holds every expert fused into the final sum."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H], summed over ranks."""
         c = self.config
         route = moe_route if x.is_cuda else moe_route_ref  # the same rule; fp32 logits
         num_groups = c.n_group if c.topk_method == "group_limited_greedy" else 1
@@ -183,11 +175,8 @@ class DeepseekMoE(nn.Module):
                                        c.topk_group, bool(c.norm_topk_prob),
                                        c.routed_scaling_factor)  # [T, K] each
         shared, shared_ready = self._shared_output(x)
-        if self.group.size == 1:  # no all-reduce between the sum and the norm
-            return self.experts(x, topk_ids, topk_weights, shared, shared_ready, residual, norm)
-        out = self.group.all_reduce(self.experts(x, topk_ids, topk_weights, add=shared,
-                                                 add_ready=shared_ready))
-        return out if norm is None else norm(out, residual)
+        return self.group.all_reduce(self.experts(x, topk_ids, topk_weights, add=shared,
+                                                  add_ready=shared_ready))
 
     def _shared_output(self, x: torch.Tensor) -> tuple[torch.Tensor | None,
                                                        torch.cuda.Event | None]:
