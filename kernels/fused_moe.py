@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
 from kernels.dot_operands import DOT_DTYPES, dot_operands, interpreting
 
 
@@ -68,10 +69,11 @@ def moe_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate
 @triton.jit(do_not_specialize=["num_pairs", "max_blocks"])  # sizes vary per step
 def _align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, num_experts,
                   max_blocks, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-                  CHUNK: tl.constexpr):
+                  CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Program e: writes expert e's pairs (in pair order) and padding (num_pairs) into its
     segment of sorted_pairs, e into block_experts for its blocks, and -1 into every
     num_experts-th chunk of the unused blocks."""
+    wait_for_previous_kernel(PDL)
     expert = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -111,8 +113,10 @@ def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr
                     num_pairs, top_k, hidden_size, intermediate_size,
                     x_stride_t, x_stride_h, w_stride_e, w_stride_n, w_stride_k, act_stride_r,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    PDL: tl.constexpr):
     """act[rows, cols] = silu(x_t @ gate_e.T) * (x_t @ up_e.T) for one block of pair rows."""
+    wait_for_previous_kernel(PDL)
     num_col_tiles = tl.cdiv(intermediate_size, BLOCK_N)
     block, col_tile = tl.program_id(0) // num_col_tiles, tl.program_id(0) % num_col_tiles
     expert = tl.load(block_experts_ptr + block)
@@ -157,9 +161,11 @@ def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_
                  weights_ptr, num_pairs, hidden_size, intermediate_size,
                  act_stride_r, w_stride_e, w_stride_n, w_stride_k, out_stride_p,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 PDL: tl.constexpr):
     """pair_out[pair, cols] = weight[pair] * (act[row] @ down_e.T) for one block of pair rows,
     in fp32, stored in pair_out's dtype."""
+    wait_for_previous_kernel(PDL)
     num_col_tiles = tl.cdiv(hidden_size, BLOCK_N)
     block, col_tile = tl.program_id(0) // num_col_tiles, tl.program_id(0) % num_col_tiles
     expert = tl.load(block_experts_ptr + block)
@@ -195,9 +201,11 @@ def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_
 @triton.jit
 def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, num_experts,
                         hidden_size, out_stride_p, add_stride_t, out_stride_t,
-                        TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
+                        TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr,
+                        PDL: tl.constexpr):
     """out[t] = (add[t] if HAS_ADD) + sum over k in order of pair_out[t*K + k], skipping pairs
     with no local expert; in fp32. The unrolled k loop issues its K independent loads at once."""
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < hidden_size
@@ -264,7 +272,8 @@ def align_pairs(flat_ids: torch.Tensor, num_experts: int,
     _align_kernel[(num_experts,)](
         flat_ids, sorted_pairs, block_experts, num_pairs, num_experts, max_blocks,
         BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
-        CHUNK=min(1024, max(16, triton.next_power_of_2(num_pairs))))
+        CHUNK=min(1024, max(16, triton.next_power_of_2(num_pairs))),
+        **dependent_launch(flat_ids.device))
     return sorted_pairs, block_experts
 
 
@@ -312,14 +321,15 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         hidden_size, intermediate_size, *x.stride(), *w13.stride(), act.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=hidden_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **dependent_launch(x.device))
     tiles = cfg.down
     _down_kernel[(max_blocks * triton.cdiv(hidden_size, tiles.block_n),)](
         act, w2, pair_out, sorted_pairs, block_experts, flat_weights,
         num_pairs, hidden_size, intermediate_size, act.stride(0), *w2.stride(), pair_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,
-        DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **dependent_launch(x.device))
     # 256 columns per program: at batch 128, 1024 programs; TPOT 9.44 -> 9.42 ms against 1024
     # columns (one H200, dsv2lite; -0.01 ms in an earlier call)
     block_h = min(triton.next_power_of_2(hidden_size), 256)
@@ -327,5 +337,5 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
         pair_out, flat_ids, pair_out if add is None else add, out, num_experts,
         hidden_size, pair_out.stride(0), 0 if add is None else add.stride(0), out.stride(0),
-        TOP_K=top_k, HAS_ADD=add is not None, BLOCK_H=block_h)
+        TOP_K=top_k, HAS_ADD=add is not None, BLOCK_H=block_h, **dependent_launch(x.device))
     return out

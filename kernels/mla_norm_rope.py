@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
 from kernels.kv_write import write_kv_ref
 from kernels.rms_norm import rms_norm_ref, weighted_rms_norm
 from kernels.rotary import rotary_ref, rotate_pairs
@@ -20,7 +21,9 @@ def _mla_norm_rope_kernel(latent_ptr, k_pe_ptr, q_pe_ptr, weight_ptr, cos_ptr, s
                           num_heads, block_size, latent_stride_t, k_pe_stride_t, q_stride_t,
                           q_stride_h, cs_stride_t, kv_stride_t, q_out_stride_t, q_out_stride_h,
                           cache_stride_b, cache_stride_o, WRITE_CACHE: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+                          PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < latent_size
@@ -116,7 +119,8 @@ def mla_norm_rope(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,
             *((0, 0) if cache is None else cache.stride()[:2]), WRITE_CACHE=cache is not None,
             BLOCK_C=triton.next_power_of_2(latent_size),
             BLOCK_H=triton.next_power_of_2(num_heads),
-            BLOCK_R=triton.next_power_of_2(rope_dim // 2), num_warps=4)
+            BLOCK_R=triton.next_power_of_2(rope_dim // 2), num_warps=4,
+            **dependent_launch(latent.device))
 
 
 def mla_norm_rope_ref(latent: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor,

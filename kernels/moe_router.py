@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
 from kernels.dot_operands import DOT_DTYPES, dot_operands
 
 BLOCK_T = 16  # tokens per program of the logits GEMM
@@ -26,8 +27,9 @@ MAX_SPLITS = 16  # K splits of the logits GEMM: 8 token blocks x 16 = 128 progra
 def _router_logits_kernel(x_ptr, w_ptr, partial_ptr, num_tokens, num_experts, hidden_size,
                           x_stride, w_stride, split_stride, k_per_split,
                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                          DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """partial[s, t, e] = sum over split s's k_per_split columns of x[t, k] * w[e, k], in fp32."""
+    wait_for_previous_kernel(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     split = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)
@@ -54,7 +56,9 @@ def _router_logits_kernel(x_ptr, w_ptr, partial_ptr, num_tokens, num_experts, hi
 def _moe_topk_kernel(partial_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, split_stride,
                      scaling, NUM_SPLITS: tl.constexpr, TOP_K: tl.constexpr,
                      NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr,
-                     BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+                     BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                     PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
     token_mask, expert_mask = tokens < num_tokens, experts < num_experts
@@ -133,13 +137,14 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
     _router_logits_kernel[(num_token_blocks, num_splits)](
         x, gate_weight, partial, num_tokens, num_experts, hidden_size, x.stride(0),
         gate_weight.stride(0), partial.stride(0), k_per_split, BLOCK_T=BLOCK_T, BLOCK_E=block_e,
-        BLOCK_K=block_k, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4)
+        BLOCK_K=block_k, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4,
+        **dependent_launch(x.device))
     _moe_topk_kernel[(triton.cdiv(num_tokens, TOPK_BLOCK_T),)](
         partial, weights, ids, num_tokens, num_experts, partial.stride(0), scaling,
         NUM_SPLITS=num_splits, TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
         TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
         BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=TOPK_BLOCK_T, BLOCK_E=block_e,
-        num_warps=1)
+        num_warps=1, **dependent_launch(x.device))
     return weights, ids
 
 

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
 from kernels.dot_operands import dot_operands
 from kernels.merge_states import merge_states
 
@@ -75,7 +76,8 @@ def _paged_decode_kernel(
         HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1) // num_head_blocks
     head_in_group = (tl.program_id(1) % num_head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -241,7 +243,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         HEAD_DIM_K=head_dim_k, HEAD_DIM_V=head_dim_v, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
         BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, V_FROM_K=v_from_k,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dependent_launch(q.device))
     if cfg.num_splits == 1:
         return out, lse
     return merge_states(part_out, part_lse, out_dtype=q.dtype)

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
+
 
 @triton.jit
 def weighted_rms_norm(x, weight_ptr, cols, mask, size, eps):
@@ -22,7 +24,8 @@ def weighted_rms_norm(x, weight_ptr, cols, mask, size, eps):
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidden_size, eps,
                      x_stride, residual_stride, out_stride, sum_stride,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -58,7 +61,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x, residual if residual is not None else x, weight, out, summed, x.shape[1], eps,
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
             summed.stride(0), HAS_RESIDUAL=residual is not None,
-            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4 if x.shape[1] <= 4096 else 8)
+            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4 if x.shape[1] <= 4096 else 8,
+            **dependent_launch(x.device))
     return out if residual is None else (out, summed)
 
 

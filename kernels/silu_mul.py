@@ -8,12 +8,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
+
 BLOCK = 1024  # columns per program
 
 
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, intermediate_size, in_stride, out_stride,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate_size
@@ -34,7 +37,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty(num_tokens, intermediate_size)
     if out.numel():
         _silu_mul_kernel[(num_tokens, triton.cdiv(intermediate_size, BLOCK))](
-            gate_up, out, intermediate_size, gate_up.stride(0), out.stride(0), BLOCK=BLOCK)
+            gate_up, out, intermediate_size, gate_up.stride(0), out.stride(0), BLOCK=BLOCK,
+            **dependent_launch(gate_up.device))
     return out
 
 

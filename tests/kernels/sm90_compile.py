@@ -23,37 +23,38 @@ BF16, FP32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 CASES = {
     "greedy_summary": ("kernels.greedy_summary:_greedy_summary_kernel",
                        {"logits_ptr": FP32, "out_ptr": "*fp64"}, {"BLOCK": 4096}, {}),
-    "silu_mul": ("kernels.silu_mul:_silu_mul_kernel", {}, {"BLOCK": 1024}, {}),
-    "rms_norm": ("kernels.rms_norm:_rms_norm_kernel", {}, {"HAS_RESIDUAL": True, "BLOCK": 2048},
-                 {}),
+    "silu_mul": ("kernels.silu_mul:_silu_mul_kernel", {}, {"BLOCK": 1024, "PDL": True}, {}),
+    "rms_norm": ("kernels.rms_norm:_rms_norm_kernel", {},
+                 {"HAS_RESIDUAL": True, "BLOCK": 2048, "PDL": True}, {}),
     "rotary": ("kernels.rotary:_rotary_kernel", {"cos_ptr": FP32, "sin_ptr": FP32},
                {"INTERLEAVED": False, "BLOCK_H": 16, "BLOCK_D": 64}, {}),  # Qwen2.5's rope
     "mla_norm_rope": ("kernels.mla_norm_rope:_mla_norm_rope_kernel",
                       {"cos_ptr": FP32, "sin_ptr": FP32, "slots_ptr": I64},
-                      {"WRITE_CACHE": True, "BLOCK_C": 512, "BLOCK_H": 16, "BLOCK_R": 32},
+                      {"WRITE_CACHE": True, "BLOCK_C": 512, "BLOCK_H": 16, "BLOCK_R": 32,
+                       "PDL": True},
                       {"num_warps": 4}),
     **{f"moe_topk_e{block_e}": (
         "kernels.moe_router:_moe_topk_kernel",
         {"partial_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64},
         {"NUM_SPLITS": 16, "TOP_K": 6, "NUM_GROUPS": 1, "TOPK_GROUP": 1, "RENORMALIZE": False,
-         "BLOCK_TOP_K": 8, "BLOCK_T": 4, "BLOCK_E": block_e}, {"num_warps": 1})
+         "BLOCK_TOP_K": 8, "BLOCK_T": 4, "BLOCK_E": block_e, "PDL": True}, {"num_warps": 1})
        for block_e in (64, 256)},  # DeepSeek-V2-Lite, V2
     **{f"router_logits_e{block_e}": (
         "kernels.moe_router:_router_logits_kernel", {"partial_ptr": FP32},
         {"BLOCK_T": 16, "BLOCK_E": block_e, "BLOCK_K": 8192 // block_e,
-         "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"}, {"num_warps": 4})
+         "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32", "PDL": True}, {"num_warps": 4})
        for block_e in (64, 256)},
     "moe_align": ("kernels.fused_moe:_align_kernel",
                   {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
-                  {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024}, {}),
+                  {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024, "PDL": True}, {}),
     "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"ids_ptr": I64},
-                {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 256}, {}),
+                {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 256, "PDL": True}, {}),
     **{f"paged_decode_mla_{name}": (
         "kernels.paged_decode:_paged_decode_kernel",
         {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},
         {"HEAD_DIM_K": 576, "HEAD_DIM_V": 512, "BLOCK_H": 16, "BLOCK_N": cfg.block_n,
          "BLOCK_D1": 512, "BLOCK_D2": 64, "BLOCK_DV": 512, "V_FROM_K": True,
-         "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"},
+         "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32", "PDL": True},
         {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
        for name, cfg in (("long", gpu_decode_config(128, 4096, 132)),
                          ("short", gpu_decode_config(128, 256, 132)))},  # the runner's tiles
@@ -77,7 +78,7 @@ def moe_gemm_cases() -> dict:
         for kernel, tiles in (("_gate_up_kernel", config.gate_up), ("_down_kernel", config.down)):
             constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": tiles.block_n,
                           "BLOCK_K": tiles.block_k, "EVEN_K": True, "DOT_DTYPE": tl.bfloat16,
-                          "DOT_PRECISION": "tf32"}
+                          "DOT_PRECISION": "tf32", "PDL": True}
             cases[f"moe{kernel[:-7]}_{num_tokens}"] = (
                 f"kernels.fused_moe:{kernel}", MOE_GEMM_POINTERS[kernel], constexprs,
                 {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
@@ -97,6 +98,8 @@ def compile_case(path: str, pointers: dict, constexprs: dict, options: dict) -> 
     compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=H200,
                               options=options)
     assert compiled.asm["cubin"], "no cubin"
+    if constexprs.get("PDL"):  # launched with launch_pdl: must wait for the previous kernel
+        assert "griddepcontrol.wait" in compiled.asm["ptx"], "no griddepcontrol.wait"
     shared = compiled.metadata.shared
     assert shared <= H200_MAX_SHARED, f"{shared} bytes of shared memory > {H200_MAX_SHARED}"
 
