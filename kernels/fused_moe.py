@@ -312,6 +312,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     pair_out = torch.empty(num_pairs, hidden_size, dtype=x.dtype, device=x.device)  # [P, H]
     flat_weights = topk_weights.reshape(-1).contiguous()  # [P]
     dot_dtype, precision = dot_operands(x.dtype)
+    pdl = dependent_launch(x.device)
     # One program per (block, column tile), a block's tiles adjacent: the used blocks come first
     # (align_pairs), so the programs of unused blocks (up to a third at batch 128), which only
     # read their -1 and exit, queue behind all the real work instead of between it.
@@ -321,15 +322,14 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         hidden_size, intermediate_size, *x.stride(), *w13.stride(), act.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=hidden_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **dependent_launch(x.device))
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl)
     tiles = cfg.down
     _down_kernel[(max_blocks * triton.cdiv(hidden_size, tiles.block_n),)](
         act, w2, pair_out, sorted_pairs, block_experts, flat_weights,
         num_pairs, hidden_size, intermediate_size, act.stride(0), *w2.stride(), pair_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,
-        DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        **dependent_launch(x.device))
+        DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl)
     # 256 columns per program: at batch 128, 1024 programs; TPOT 9.44 -> 9.42 ms against 1024
     # columns (one H200, dsv2lite; -0.01 ms in an earlier call)
     block_h = min(triton.next_power_of_2(hidden_size), 256)
@@ -337,5 +337,5 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
         pair_out, flat_ids, pair_out if add is None else add, out, num_experts,
         hidden_size, pair_out.stride(0), 0 if add is None else add.stride(0), out.stride(0),
-        TOP_K=top_k, HAS_ADD=add is not None, BLOCK_H=block_h, **dependent_launch(x.device))
+        TOP_K=top_k, HAS_ADD=add is not None, BLOCK_H=block_h, **pdl)
     return out

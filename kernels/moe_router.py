@@ -134,17 +134,17 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
     # mixed or other dtypes: both operands in fp32 (the rule's fp32 logits)
     same = x.dtype == gate_weight.dtype and x.dtype in DOT_DTYPES
     dot_dtype, precision = dot_operands(x.dtype if same else torch.float32)
+    pdl = dependent_launch(x.device)
     _router_logits_kernel[(num_token_blocks, num_splits)](
         x, gate_weight, partial, num_tokens, num_experts, hidden_size, x.stride(0),
         gate_weight.stride(0), partial.stride(0), k_per_split, BLOCK_T=BLOCK_T, BLOCK_E=block_e,
-        BLOCK_K=block_k, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4,
-        **dependent_launch(x.device))
+        BLOCK_K=block_k, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4, **pdl)
     _moe_topk_kernel[(triton.cdiv(num_tokens, TOPK_BLOCK_T),)](
         partial, weights, ids, num_tokens, num_experts, partial.stride(0), scaling,
         NUM_SPLITS=num_splits, TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
         TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
         BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=TOPK_BLOCK_T, BLOCK_E=block_e,
-        num_warps=1, **dependent_launch(x.device))
+        num_warps=1, **pdl)
     return weights, ids
 
 
