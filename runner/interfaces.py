@@ -48,7 +48,7 @@ class AttentionBackend(Protocol):  # conf/attention
     # batch size once per bound, and once at the longest context); a backend without it: none
     decode_length_buckets: tuple[int, ...]
     # True: write_kv only stores rows at slot_mapping in kv_cache_shape's layout, so a model may
-    # store its key rows itself inside a fused kernel (the MLA prologue) instead of calling
+    # store its key rows itself inside a fused kernel (the MLA and GQA prologues) instead of calling
     # write_kv; a backend without it: False (write_kv is always called). A backend whose write_kv
     # does more (counts, quantizes, logs) must leave it False.
     fused_kv_write: bool

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.gqa_prologue import gqa_prologue, gqa_prologue_ref
 from runner.errors import RunnerError
 from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -19,7 +20,7 @@ from runner.models.layers.linear import RowParallelLinear, Shard, _copy_into
 from runner.models.layers.decoder_layer import DecoderLayer
 from runner.models.layers.mlp import GatedMLP
 from runner.models.layers.norm import RMSNorm
-from runner.models.layers.rope import RotaryEmbedding, apply_rope
+from runner.models.layers.rope import RotaryEmbedding
 from runner.parallel.plan import HeadShard, ParallelPlan
 
 # checkpoint projection -> (fused parameter, part index)
@@ -155,12 +156,17 @@ class LlamaAttention(nn.Module):
         num_tokens = x.shape[0]
         num_qk_heads = self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x).view(num_tokens, num_qk_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rope(qkv[:, :num_qk_heads], cos, sin)  # [T, Hq + Hkv, D], one rotation
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, num_qk_heads:]  # [T, Hkv, D], strided views: backends take strides
+        qk = torch.empty_like(qkv[:, :num_qk_heads])  # [T, Hq + Hkv, D], rotated
         meta = ctx.attn_meta
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
-        ctx.attention.write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        fused_write = getattr(ctx.attention, "fused_kv_write", False)  # in the prologue kernel
+        prologue = gqa_prologue if x.is_cuda else gqa_prologue_ref  # the same rounding
+        prologue(qkv[:, :num_qk_heads], v, cos, sin, qk, k_cache if fused_write else None,
+                 v_cache if fused_write else None, meta.slot_mapping)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
+        if not fused_write:
+            ctx.attention.write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         if meta.is_prefill:
             out, _ = ctx.attention.prefill(q, k, v, meta, self.scale)
         else:

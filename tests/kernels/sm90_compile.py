@@ -26,8 +26,10 @@ CASES = {
     "silu_mul": ("kernels.silu_mul:_silu_mul_kernel", {}, {"BLOCK": 1024, "PDL": True}, {}),
     "rms_norm": ("kernels.rms_norm:_rms_norm_kernel", {},
                  {"HAS_RESIDUAL": True, "BLOCK": 2048, "PDL": True}, {}),
-    "rotary": ("kernels.rotary:_rotary_kernel", {"cos_ptr": FP32, "sin_ptr": FP32},
-               {"INTERLEAVED": False, "BLOCK_H": 16, "BLOCK_D": 64}, {}),  # Qwen2.5's rope
+    "gqa_prologue": ("kernels.gqa_prologue:_gqa_prologue_kernel",
+                     {"cos_ptr": FP32, "sin_ptr": FP32, "slots_ptr": I64},
+                     {"WRITE_CACHE": True, "BLOCK_H": 16, "BLOCK_KV": 2, "BLOCK_R": 64,
+                      "BLOCK_D": 128, "PDL": True}, {"num_warps": 4}),  # Qwen2.5-1.5B
     "mla_norm_rope": ("kernels.mla_norm_rope:_mla_norm_rope_kernel",
                       {"cos_ptr": FP32, "sin_ptr": FP32, "slots_ptr": I64},
                       {"WRITE_CACHE": True, "BLOCK_C": 512, "BLOCK_H": 16, "BLOCK_R": 32,

@@ -227,6 +227,30 @@ def test_mla_norm_rope(num_tokens):
     assert num_written == int((slots >= 0).sum())
 
 
+@pytest.mark.parametrize("num_tokens", [1, 128, 256])
+def test_gqa_prologue(num_tokens):
+    """Qwen2.5-1.5B: 12 query and 2 KV heads of 128, views of one qkv projection output, the
+    K and V caches views of one tensor (the Triton backend's layout)."""
+    from kernels.gqa_prologue import gqa_prologue, gqa_prologue_ref
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    num_heads, num_kv_heads, head_dim = 12, 2, 128
+    qkv = (torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device="cuda",
+                       generator=gen) * 3).to(torch.bfloat16)
+    qk, v = qkv.split([num_heads + num_kv_heads, num_kv_heads], dim=1)
+    angles = torch.rand(num_tokens, head_dim // 2, device="cuda", generator=gen) * 100
+    slots = torch.randperm(2 * num_tokens, device="cuda", generator=gen)[:num_tokens]  # pages of 16
+    slots[1:2] = -1  # a row another DCP rank stores: not written
+    outs = [(torch.empty_like(qk), *torch.full(
+        (2, (2 * num_tokens + 15) // 16, 16, num_kv_heads, head_dim), float("nan"), device="cuda",
+        dtype=torch.bfloat16)) for _ in range(2)]
+    gqa_prologue(qk, v, angles.cos(), angles.sin(), *outs[0], slots)
+    gqa_prologue_ref(qk, v, angles.cos(), angles.sin(), *outs[1], slots)
+    for got, want in zip(*outs):  # unwritten cache rows stay NaN on both sides
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7, equal_nan=True)
+    for cache in outs[0][1:]:  # [blocks, 16, Hkv, D]: a row per written (token, KV head)
+        assert int((~cache.isnan().all(dim=-1)).sum()) == num_kv_heads * int((slots >= 0).sum())
+
+
 @pytest.mark.parametrize("num_rows", [1, 128])
 def test_greedy_summary(num_rows):
     """DeepSeek-V2-Lite's vocabulary (102400): ids and maxima exact, log-sum-exp to fp32."""

@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from kernels.rotary import rotary, rotary_ref
-
 from runner.errors import RunnerError
 
 ROPE_TYPES = ("default", "llama3")
@@ -53,7 +51,7 @@ def _llama3_scaled(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     """Holds cos/sin for positions [0, max_positions); `forward(positions)` looks them up once per
-    step, `apply_rope` rotates q or k with them in every layer."""
+    step; the attention prologue kernels rotate q and k with them in every layer."""
 
     def __init__(self, rope_parameters: dict, head_dim: int, max_positions: int):
         super().__init__()
@@ -70,10 +68,3 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, D/2] float32."""
         return self.cos_sin_cache[positions].chunk(2, dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] rotated by cos, sin [T, D/2]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
-    computed in float32 and returned in x's dtype (one Triton launch on a GPU)."""
-    fn = rotary if x.is_cuda and x.stride(-1) == 1 else rotary_ref
-    return fn(x, cos, sin, interleaved=False)
