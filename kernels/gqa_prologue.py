@@ -78,6 +78,9 @@ def _check_inputs(qk, v, cos, sin, qk_out, k_cache, v_cache, slots) -> None:
     if k_cache is not None and (slots.shape != (num_tokens,) or slots.dtype != torch.int64):
         raise ValueError(f"gqa_prologue: slots must be [T={num_tokens}] int64; got "
                          f"{tuple(slots.shape)} {slots.dtype}")
+    if qk.numel() and qk_out.untyped_storage().data_ptr() == qk.untyped_storage().data_ptr():
+        raise ValueError("gqa_prologue: qk_out must not share qk's storage (the cache write "
+                         "reads qk after qk_out is written)")
     tensors = (qk, v, cos, sin, qk_out) + (() if k_cache is None else (*caches, slots))
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"gqa_prologue: every tensor must be on one device; got "
@@ -88,9 +91,9 @@ def gqa_prologue(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torc
                  qk_out: torch.Tensor, k_cache: torch.Tensor | None,
                  v_cache: torch.Tensor | None, slots: torch.Tensor) -> None:
     """qk_out [T, Hq + Hkv, D] = rope(qk [T, Hq + Hkv, D]) with cos/sin [T, D/2] fp32 (query
-    heads, then key heads; rows may be strided views of the qkv projection). Unless k_cache is
-    None, the rotated keys and v [T, Hkv, D] are also stored in k_cache / v_cache [num_blocks,
-    B, Hkv, D] at slot slots[t] (int64; < 0 skipped)."""
+    heads, then key heads; rows may be strided views of the qkv projection; qk_out a separate
+    tensor). Unless k_cache is None, the rotated keys and v [T, Hkv, D] are also stored in
+    k_cache / v_cache [num_blocks, B, Hkv, D] at slot slots[t] (int64; < 0 skipped)."""
     _check_inputs(qk, v, cos, sin, qk_out, k_cache, v_cache, slots)
     num_tokens, num_qk_heads, head_dim = qk.shape
     num_kv_heads = v.shape[1]

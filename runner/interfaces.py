@@ -50,7 +50,7 @@ class AttentionBackend(Protocol):  # conf/attention
     # True: write_kv only stores rows at slot_mapping in kv_cache_shape's layout, so a model may
     # store its key rows itself inside a fused kernel (the MLA and GQA prologues) instead of calling
     # write_kv; a backend without it: False (write_kv is always called). A backend whose write_kv
-    # does more (counts, quantizes, logs) must leave it False.
+    # does more (counts, quantizes, casts to another cache dtype, logs) must leave it False.
     fused_kv_write: bool
 
     def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:

@@ -1,6 +1,7 @@
 """The Llama/Qwen2 GQA model against transformers' LlamaForCausalLM and Qwen2ForCausalLM with the
 same (randomized, saved and reloaded) weights: checkpoint names, prefill and paged-decode logits,
-tensor-parallel shards, loading errors, and the Qwen2.5-1.5B shapes on the meta device."""
+tensor-parallel shards, the cache rows the model stores itself (fused_kv_write), loading errors,
+and the Qwen2.5-1.5B shapes on the meta device."""
 from __future__ import annotations
 
 import pytest
@@ -12,6 +13,7 @@ from transformers import Qwen2ForCausalLM as HFQwen2ForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from runner.attention.torch_ref import TorchAttention
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.rope import RotaryEmbedding, rope_inv_freq
@@ -103,6 +105,38 @@ def test_decode_step_matches_transformers(checkpoint):
     expected = torch.stack([reference_logits(hf_model, p + [t])[-1]
                             for p, t in zip(prompts, next_ids.tolist())])
     assert (logits - expected).abs().max().item() <= 1e-4
+
+
+class _FusedWriteAttention(TorchAttention):
+    """Torch attention that lets the model store its cache rows itself (as the Triton backend
+    does, in the GQA prologue kernel) and fails if write_kv is called anyway."""
+    fused_kv_write = True
+
+    def write_kv(self, k_cache, v_cache, slot_mapping, key, value) -> None:
+        raise AssertionError("write_kv was called although the backend lets the model write")
+
+
+def test_gqa_stores_its_cache_rows_itself_when_the_backend_allows(checkpoint):
+    """Prefill, then a decode step that reads the rows the prologue stored (the caches start as
+    garbage), both against transformers."""
+    config, hf_model, weights = checkpoint
+    torch.manual_seed(4)
+    model = _load(config, weights)
+    prompts = _prompts(config.vocab_size)
+    next_ids = torch.randint(config.vocab_size, (len(prompts),))
+    batch = PagedBatch(model, [n + 1 for n in PROMPT_LENGTHS])
+    attention = _FusedWriteAttention()
+    with torch.no_grad():
+        positions, ctx = batch.context(PROMPT_LENGTHS, PROMPT_LENGTHS, attention)
+        prefill = model.compute_logits(model(torch.tensor(sum(prompts, [])), positions, ctx))
+        positions, ctx = batch.context([n + 1 for n in PROMPT_LENGTHS], [1] * len(prompts),
+                                       attention)
+        decode = model.compute_logits(model(next_ids, positions, ctx))  # [R, V]
+    expected_prefill = torch.cat([reference_logits(hf_model, p) for p in prompts])
+    expected_decode = torch.stack([reference_logits(hf_model, p + [t])[-1]
+                                   for p, t in zip(prompts, next_ids.tolist())])
+    assert (prefill - expected_prefill).abs().max().item() <= 1e-4
+    assert (decode - expected_decode).abs().max().item() <= 1e-4
 
 
 def _head_rows(full: torch.Tensor, heads: list[int], head_dim: int, dim: int = 0) -> torch.Tensor:

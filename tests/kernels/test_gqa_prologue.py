@@ -83,5 +83,7 @@ def test_empty_batch_and_bad_shapes():
         gqa_prologue(qk, v, cos, sin, qk_out, k_cache, None, slots)
     with pytest.raises(ValueError, match="slots must be"):
         gqa_prologue(qk, v, cos, sin, qk_out, k_cache, v_cache, slots.int())
+    with pytest.raises(ValueError, match="must not share"):
+        gqa_prologue(qk, v, cos, sin, qk, k_cache, v_cache, slots)
     with pytest.raises(ValueError, match="one device"):
         gqa_prologue(qk, v, cos, sin, qk_out, k_cache.to("meta"), v_cache.to("meta"), slots)
