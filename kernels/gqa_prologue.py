@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
-from kernels.kv_write import write_kv_ref
+from kernels.kv_write import check_slots, write_kv_ref
 from kernels.rotary import rotary_ref, rotate_pairs
 
 
@@ -75,9 +75,8 @@ def _check_inputs(qk, v, cos, sin, qk_out, k_cache, v_cache, slots) -> None:
         raise ValueError(f"gqa_prologue: k_cache and v_cache must be [num_blocks, B, "
                          f"{num_kv_heads}, {head_dim}] {qk.dtype} with the same strides, unit in "
                          f"the last dim; got {got}")
-    if k_cache is not None and (slots.shape != (num_tokens,) or slots.dtype != torch.int64):
-        raise ValueError(f"gqa_prologue: slots must be [T={num_tokens}] int64; got "
-                         f"{tuple(slots.shape)} {slots.dtype}")
+    if k_cache is not None:
+        check_slots(slots, num_tokens, "gqa_prologue: ")
     if qk.numel() and qk_out.untyped_storage().data_ptr() == qk.untyped_storage().data_ptr():
         raise ValueError("gqa_prologue: qk_out must not share qk's storage (the cache write "
                          "reads qk after qk_out is written)")

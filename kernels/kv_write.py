@@ -30,6 +30,14 @@ def _write_kv_kernel(cache_ptr, slots_ptr, x_ptr, block_size,
         tl.store(dst + d * cache_stride_d, row.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
+def check_slots(slots: torch.Tensor, num_tokens: int, prefix: str = "") -> None:
+    """A cache write's slots: [num_tokens] int64 (this and the prologue kernels' check; prefix
+    names the caller in the message)."""
+    if slots.dim() != 1 or slots.dtype != torch.int64 or slots.shape[0] != num_tokens:
+        raise ValueError(f"{prefix}slots must be [T={num_tokens}] int64; got "
+                         f"{tuple(slots.shape)} {slots.dtype}")
+
+
 def _check_inputs(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
     if cache.dim() != 4 or not cache.dtype.is_floating_point:
         raise ValueError(f"cache must be [num_blocks, block_size, num_kv_heads, head_dim] "
@@ -39,9 +47,7 @@ def _check_inputs(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> 
                          f"got {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"x must be floating point, got {x.dtype}")
-    if slots.dim() != 1 or slots.dtype != torch.int64 or slots.shape[0] != x.shape[0]:
-        raise ValueError(f"slots must be [T={x.shape[0]}] int64, got {tuple(slots.shape)} "
-                         f"{slots.dtype}")
+    check_slots(slots, x.shape[0])
     if not cache.device == slots.device == x.device:
         raise ValueError(f"cache, slots and x must share a device, got {cache.device}, "
                          f"{slots.device}, {x.device}")

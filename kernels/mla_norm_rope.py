@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
-from kernels.kv_write import write_kv_ref
+from kernels.kv_write import check_slots, write_kv_ref
 from kernels.rms_norm import rms_norm_ref, weighted_rms_norm
 from kernels.rotary import rotary_ref, rotate_pairs
 
@@ -86,9 +86,8 @@ def _check_inputs(latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out, cache,
         raise ValueError(f"mla_norm_rope: cache must be [num_blocks, B, 1, "
                          f"{latent_size + rope_dim}] {latent.dtype} with unit stride in its last "
                          f"dim; got {tuple(cache.shape)} {cache.dtype}")
-    if cache is not None and (slots.shape != (num_tokens,) or slots.dtype != torch.int64):
-        raise ValueError(f"mla_norm_rope: slots must be [T={num_tokens}] int64; got "
-                         f"{tuple(slots.shape)} {slots.dtype}")
+    if cache is not None:
+        check_slots(slots, num_tokens, "mla_norm_rope: ")
     tensors = (latent, k_pe, q_pe, weight, cos, sin, kv_out, q_pe_out) + (
         () if cache is None else (cache, slots))
     if len({t.device for t in tensors}) != 1:
