@@ -52,7 +52,8 @@ class Runner:
                                    max_num_seqs, max_num_batched_tokens, max_model_len)
         self.decode_buffers = DecodeBuffers(max_num_seqs, self.max_num_blocks,
                                             block_table.max_local_len(max_model_len),
-                                            self.vocab_size, device)
+                                            self.vocab_size, model.lm_head.weight.dtype,
+                                            device)
         self.requests: dict[int, Request] = {}
         self._next_req_id = 0
         self.async_decode = AsyncDecode(max_num_seqs, device) if async_scheduling else None
@@ -195,10 +196,9 @@ class Runner:
         the greedy tokens kept on the device for the next step (async scheduling)."""
         num_padded = inputs.input_ids.shape[0]
         self.decode_buffers.derive(num_padded, self.block_table)
-        logits = step_logits(self.model.compute_logits(
-            self._forward(inputs), out=self.decode_buffers.logits[:num_padded]))
-        self.decode_buffers.sampled_ids[:num_padded].copy_(logits.greedy[:, 0])
-        return logits
+        return step_logits(self.model.compute_logits(
+            self._forward(inputs), out=self.decode_buffers.logits[:num_padded]),
+            ids_out=self.decode_buffers.sampled_ids[:num_padded])
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         ctx = ForwardContext(inputs.meta, self.kv_caches, self.attention)

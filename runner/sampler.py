@@ -17,18 +17,18 @@ from runner.request import SamplingParams
 class StepLogits:
     """What a forward hands the sampler (on the device; a decode step's come out of its graph)."""
 
-    logits: torch.Tensor  # [R, V] fp32
+    logits: torch.Tensor  # [R, V] in the model's dtype
     greedy: torch.Tensor  # [R, 3] fp64: argmax token id, its logit, logsumexp of the row
 
     def rows(self, num_rows: int) -> StepLogits:
         return StepLogits(self.logits[:num_rows], self.greedy[:num_rows])
 
 
-def step_logits(logits: torch.Tensor) -> StepLogits:
-    """logits [R, V] fp32 -> the logits with each row's greedy summary, computed on the device
-    (one Triton pass on a GPU; ties go to the lowest token id)."""
+def step_logits(logits: torch.Tensor, ids_out: torch.Tensor | None = None) -> StepLogits:
+    """logits [R, V] -> the logits with each row's greedy summary, computed in fp32 on the device
+    (Triton on a GPU; ties go to the lowest token id); `ids_out` [R] int64 also gets the argmax."""
     summary = greedy_summary if logits.is_cuda else greedy_summary_ref
-    return StepLogits(logits, summary(logits))
+    return StepLogits(logits, summary(logits, ids_out))
 
 
 def prompt_key(prompt_token_ids: list[int]) -> int:

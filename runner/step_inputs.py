@@ -60,7 +60,7 @@ class DecodeBuffers:
     previous decode step, whose sampled token that step's graph left in `sampled_ids`."""
 
     def __init__(self, max_num_reqs: int, max_num_blocks: int, max_local_seq_len: int,
-                 vocab_size: int, device: torch.device):
+                 vocab_size: int, logits_dtype: torch.dtype, device: torch.device):
         self.max_num_reqs = max_num_reqs
         self.max_local_seq_len = max_local_seq_len  # the longest rank-local context
         self.input_ids = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)  # [Rmax]
@@ -75,7 +75,7 @@ class DecodeBuffers:
         self.logits_indices = torch.arange(max_num_reqs, dtype=torch.int64, device=device)
         self.sampled_ids = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)  # [Rmax]
         # every decode step's logits, one buffer for all CUDA graphs (not one output per graph)
-        self.logits = torch.empty(max_num_reqs, vocab_size, dtype=torch.float32,
+        self.logits = torch.empty(max_num_reqs, vocab_size, dtype=logits_dtype,
                                   device=device)  # [Rmax, V]
         # host staging (numpy views of pinned memory on a GPU): filled in Python, copied at once
         pin = device.type == "cuda"

@@ -173,8 +173,8 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
                        ) -> torch.Tensor:
-        """[R, H] -> [R, vocab] float32, the whole vocabulary on every rank (into `out` if
-        given)."""
+        """[R, H] -> [R, vocab] in the model's dtype, the whole vocabulary on every rank (into
+        `out` if given)."""
         return self.lm_head.logits(hidden, out)
 
     def kv_cache_spec(self) -> KVCacheSpec:

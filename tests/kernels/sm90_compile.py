@@ -21,8 +21,12 @@ BF16, FP32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 # case: (module:kernel, pointer types other than bf16, constexprs as launched at DeepSeek-V2-Lite
 # decode shapes, launch options). Integer arguments are i32, FLOAT_SCALARS fp32.
 CASES = {
-    "greedy_summary": ("kernels.greedy_summary:_greedy_summary_kernel",
-                       {"logits_ptr": FP32, "out_ptr": "*fp64"}, {"BLOCK": 4096}, {}),
+    "greedy_chunks": ("kernels.greedy_summary:_chunk_summary_kernel",
+                      {"best_ptr": FP32, "best_id_ptr": I32, "total_ptr": FP32},
+                      {"CHUNK": 8192, "BLOCK": 4096, "PDL": True}, {}),
+    "greedy_merge": ("kernels.greedy_summary:_merge_chunks_kernel",
+                     {"best_ptr": FP32, "best_id_ptr": I32, "total_ptr": FP32, "out_ptr": "*fp64",
+                      "ids_out_ptr": I64}, {"BLOCK_C": 16, "WRITE_IDS": True, "PDL": True}, {}),
     "silu_mul": ("kernels.silu_mul:_silu_mul_kernel", {}, {"BLOCK": 1024, "PDL": True}, {}),
     "rms_norm": ("kernels.rms_norm:_rms_norm_kernel", {},
                  {"HAS_RESIDUAL": True, "BLOCK": 2048, "PDL": True}, {}),

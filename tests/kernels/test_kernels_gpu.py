@@ -251,12 +251,16 @@ def test_gqa_prologue(num_tokens):
         assert int((~cache.isnan().all(dim=-1)).sum()) == num_kv_heads * int((slots >= 0).sum())
 
 
-@pytest.mark.parametrize("num_rows", [1, 128])
-def test_greedy_summary(num_rows):
-    """DeepSeek-V2-Lite's vocabulary (102400): ids and maxima exact, log-sum-exp to fp32."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows,vocab_size", [(1, 102400), (128, 102400), (128, 151936)])
+def test_greedy_summary(num_rows, vocab_size, dtype):
+    """DeepSeek-V2-Lite's and Qwen2.5's vocabularies: ids and maxima exact, log-sum-exp to fp32,
+    the argmax also in ids_out."""
     from kernels.greedy_summary import greedy_summary, greedy_summary_ref
     gen = torch.Generator(device="cuda").manual_seed(num_rows)
-    logits = torch.randn(num_rows, 102400, device="cuda", generator=gen) * 4
-    got, want = greedy_summary(logits), greedy_summary_ref(logits)
+    logits = (torch.randn(num_rows, vocab_size, device="cuda", generator=gen) * 4).to(dtype)
+    ids = torch.full((num_rows,), -1, dtype=torch.int64, device="cuda")
+    got, want = greedy_summary(logits, ids_out=ids), greedy_summary_ref(logits)
     assert torch.equal(got[:, :2], want[:, :2])
+    assert torch.equal(ids, want[:, 0].long())
     torch.testing.assert_close(got[:, 2], want[:, 2], rtol=1e-6, atol=1e-5)

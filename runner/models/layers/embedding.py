@@ -39,7 +39,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the whole vocab on every rank: local [T, V/tp] matmul, then all-gather."""
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[T, H] -> [T, V] float32, into `out` if given (the cast writes it: no extra copy)."""
+        """[T, H] -> [T, V] in the weight's dtype (the sampler reduces them in fp32), into `out`
+        [T, V] if given: on one rank the GEMM writes it directly."""
+        if self.group.size == 1:
+            return torch.mm(hidden, self.weight.t(), out=out)
         local = F.linear(hidden, self.weight)  # [T, V/tp]
         full = self.group.all_gather(local, dim=-1)[..., :self.vocab_size]  # [T, V]
-        return full.float() if out is None else out.copy_(full)
+        return full if out is None else out.copy_(full)
