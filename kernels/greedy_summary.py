@@ -1,8 +1,8 @@
 """Each row's greedy summary of logits: the argmax (the lowest index among equal maxima), the max,
 and the log-sum-exp, in fp32 from logits of any float dtype. Two launches: programs (row, chunk)
-reduce CHUNK columns each, one program per row merges its chunks. One program per row walking
-the whole row took ~70 us for 128 rows of Qwen's 151936 logits on an H200: each column block
-waited on its own load."""
+reduce CHUNK columns each, one program per row merges its chunks: 14 + 2 us per decode step for
+128 rows of DeepSeek-V2-Lite's 102400 bf16 logits on an H200, where one program per row walking
+the whole row took ~70 us for Qwen's 151936 fp32 logits (each column block waited on its load)."""
 from __future__ import annotations
 
 import torch
