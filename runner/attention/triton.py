@@ -31,8 +31,8 @@ class TritonAttention:
 
     @property
     def fused_kv_write(self) -> bool:
-        """write_kv stores plain rows, so MLA's prologue kernel may store them instead; not for
-        a subclass that overrides write_kv (it gets every call)."""
+        """write_kv stores plain rows, so the MLA and GQA prologue kernels may store them
+        instead; not for a subclass that overrides write_kv (it gets every call)."""
         return type(self).write_kv is TritonAttention.write_kv
 
     def kv_cache_shape(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> tuple:
