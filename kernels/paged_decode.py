@@ -64,9 +64,81 @@ def gpu_decode_config(num_programs: int, max_context: int, num_sms: int,
 
 
 @triton.jit
+def _page_numbers(table_row, tile_start, tile_page, end, table_stride_b, BLOCK_SIZE: tl.constexpr,
+                  PAGE_ALIGNED: tl.constexpr):
+    """[BLOCK_N] int64 page numbers of the tile's tokens (0 past `end`); tile_page is
+    offs_n // BLOCK_SIZE if PAGE_ALIGNED, else offs_n."""
+    if PAGE_ALIGNED:
+        pos = tile_start + tile_page * BLOCK_SIZE  # the page's first token, for the mask
+        page = tile_start // BLOCK_SIZE + tile_page
+        mask = pos < end
+    else:
+        pos = tile_start + tile_page
+        page = pos // BLOCK_SIZE
+        mask = pos < end
+    return tl.load(table_row + page * table_stride_b, mask=mask, other=0).to(tl.int64)
+
+
+@triton.jit
+def _load_rows(ptrs, row_mask, col_mask, MASK_COLS: tl.constexpr):
+    """A [rows, cols] tile, zero in masked rows (and masked columns if MASK_COLS)."""
+    if MASK_COLS:
+        return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+
+
+@triton.jit
+def _attend_tile(q1, q2, m_i, l_i, acc, block, tile_start, end, table_row, tile_page, offs_n,
+                 k_ptr, v_ptr, scale_log2, k_stride_b, k_stride_o, k_stride_d,
+                 v_stride_b, v_stride_o, v_stride_d, table_stride_b,
+                 HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, PAGE_ALIGNED: tl.constexpr, V_FROM_K: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (m_i, l_i, acc) by the BLOCK_N tokens from tile_start (a
+    multiple of BLOCK_N) before `end`, whose page numbers are `block`; returns them and the
+    next tile's page numbers. k_ptr / v_ptr point at the kv head. With PAGE_ALIGNED (BLOCK_N and
+    the page size divide one another) a token's slot is a per-tile scalar plus a loop-invariant
+    vector: no per-token division, 1018 -> 570 SASS instructions per MLA tile (64 tokens), TPOT
+    9.14 -> 9.07 ms (one H200, dsv2lite, the seed workload)."""
+    tok_mask = tile_start + offs_n < end
+    next_block = _page_numbers(table_row, tile_start + BLOCK_N, tile_page, end, table_stride_b,
+                               BLOCK_SIZE, PAGE_ALIGNED)
+    if PAGE_ALIGNED:
+        slots = tile_start % BLOCK_SIZE + offs_n % BLOCK_SIZE
+    else:
+        slots = (tile_start + offs_n) % BLOCK_SIZE
+    k_rows = k_ptr + block * k_stride_b + slots * k_stride_o  # [BLOCK_N]
+    d1 = tl.arange(0, BLOCK_D1)
+    k1 = _load_rows(k_rows[:, None] + d1[None, :] * k_stride_d, tok_mask, d1 < HEAD_DIM_K,
+                    BLOCK_D1 > HEAD_DIM_K).to(DOT_DTYPE)
+    scores = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+    if BLOCK_D2 > 0:
+        d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
+        k2 = _load_rows(k_rows[:, None] + d2[None, :] * k_stride_d, tok_mask, d2 < HEAD_DIM_K,
+                        BLOCK_D1 + BLOCK_D2 > HEAD_DIM_K).to(DOT_DTYPE)
+        scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+    scores = tl.where(tok_mask[None, :], scores * scale_log2, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if V_FROM_K:  # V is a prefix view of K (MLA latent): reuse the loaded tile
+        v = k1
+    else:
+        dv = tl.arange(0, BLOCK_DV)
+        v_rows = v_ptr + block * v_stride_b + slots * v_stride_o
+        v = _load_rows(v_rows[:, None] + dv[None, :] * v_stride_d, tok_mask, dv < HEAD_DIM_V,
+                       BLOCK_DV > HEAD_DIM_V).to(DOT_DTYPE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc, next_block
+
+
+@triton.jit
 def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-        scale_log2, group_size, num_head_blocks, block_size, max_context,
+        scale_log2, group_size, num_head_blocks, max_context,
         q_stride_r, q_stride_h, q_stride_d,
         k_stride_b, k_stride_o, k_stride_h, k_stride_d,
         v_stride_b, v_stride_o, v_stride_h, v_stride_d,
@@ -75,7 +147,8 @@ def _paged_decode_kernel(
         lse_stride_s, lse_stride_r, lse_stride_h,
         HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr,
-        BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr,
+        BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        PAGE_ALIGNED: tl.constexpr, V_FROM_K: tl.constexpr,
         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     req = tl.program_id(0).to(tl.int64)
@@ -100,6 +173,8 @@ def _paged_decode_kernel(
         d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
         q2 = tl.load(q_rows + d2[None, :] * q_stride_d,
                      mask=head_mask[:, None] & (d2 < HEAD_DIM_K)[None, :], other=0.0).to(DOT_DTYPE)
+    else:
+        q2 = q1  # unused
     dv = tl.arange(0, BLOCK_DV)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of log2-scaled scores
@@ -109,42 +184,17 @@ def _paged_decode_kernel(
     # three pipeline stages Triton issues the table reads as async copies too and a tile's KV copy
     # never waits on a table read: 28.8 -> 23.6 us per layer in the dsv2lite decode step.
     table_row = block_table_ptr + req * table_stride_r
-    first = start + tl.arange(0, BLOCK_N)
-    block = tl.load(table_row + (first // block_size) * table_stride_b, mask=first < end,
-                    other=0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    tile_page = offs_n // BLOCK_SIZE if PAGE_ALIGNED else offs_n
+    block = _page_numbers(table_row, start, tile_page, end, table_stride_b, BLOCK_SIZE,
+                          PAGE_ALIGNED)
     for tile_start in range(start, end, BLOCK_N):
-        pos = tile_start + tl.arange(0, BLOCK_N)
-        tok_mask = pos < end
-        next_pos = pos + BLOCK_N
-        next_block = tl.load(table_row + (next_pos // block_size) * table_stride_b,
-                             mask=next_pos < end, other=0).to(tl.int64)
-        k_rows = (k_ptr + block * k_stride_b + (pos % block_size) * k_stride_o
-                  + kv_head * k_stride_h)
-        k1 = tl.load(k_rows[:, None] + d1[None, :] * k_stride_d,
-                     mask=tok_mask[:, None] & (d1 < HEAD_DIM_K)[None, :], other=0.0).to(DOT_DTYPE)
-        scores = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-        if BLOCK_D2 > 0:
-            k2 = tl.load(k_rows[:, None] + d2[None, :] * k_stride_d,
-                         mask=tok_mask[:, None] & (d2 < HEAD_DIM_K)[None, :],
-                         other=0.0).to(DOT_DTYPE)
-            scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
-        scores = tl.where(tok_mask[None, :], scores * scale_log2, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if V_FROM_K:  # V is a prefix view of K (MLA latent): reuse the loaded tile
-            v = k1
-        else:
-            v_rows = (v_ptr + block * v_stride_b + (pos % block_size) * v_stride_o
-                      + kv_head * v_stride_h)
-            v = tl.load(v_rows[:, None] + dv[None, :] * v_stride_d,
-                        mask=tok_mask[:, None] & (dv < HEAD_DIM_V)[None, :],
-                        other=0.0).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-        block = next_block
+        m_i, l_i, acc, block = _attend_tile(
+            q1, q2, m_i, l_i, acc, block, tile_start, end, table_row, tile_page, offs_n,
+            k_ptr + kv_head * k_stride_h, v_ptr + kv_head * v_stride_h, scale_log2,
+            k_stride_b, k_stride_o, k_stride_d, v_stride_b, v_stride_o, v_stride_d,
+            table_stride_b, HEAD_DIM_K, HEAD_DIM_V, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV,
+            BLOCK_SIZE, PAGE_ALIGNED, V_FROM_K, DOT_DTYPE, DOT_PRECISION)
 
     has_keys = l_i > 0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -237,11 +287,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                device=q.device)
     _paged_decode_kernel[(num_reqs, num_kv_heads * num_head_blocks, cfg.num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_out, part_lse,
-        scale * _LOG2E, group_size, num_head_blocks, block_size, max_context, *q.stride(),
+        scale * _LOG2E, group_size, num_head_blocks, max_context, *q.stride(),
         *k_cache.stride(), *v_cache.stride(), *block_table.stride(), *part_out.stride(),
         *part_lse.stride(),
         HEAD_DIM_K=head_dim_k, HEAD_DIM_V=head_dim_v, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
-        BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, V_FROM_K=v_from_k,
+        BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, BLOCK_SIZE=block_size,
+        PAGE_ALIGNED=cfg.block_n % block_size == 0 or block_size % cfg.block_n == 0,
+        V_FROM_K=v_from_k,
         DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dependent_launch(q.device))
     if cfg.num_splits == 1:

@@ -80,6 +80,22 @@ def test_gqa_groups(num_splits):
     _check(case, 0.125, num_splits, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [3, 4, 16, 32, 64])
+@pytest.mark.parametrize("mla", [True, False])
+def test_page_sizes_smaller_larger_and_not_dividing_the_tile(block_size, mla):
+    """Tiles of 16 tokens (32 for the explicit config) over pages that divide them, pages they
+    divide (a tile starts inside a page) and pages of 3 tokens (the per-token path)."""
+    head_dim_k, head_dim_v = (40, 32) if mla else (32, 24)
+    case = _decode_case([0, 1, 5, 33, 70], 4, 1 if mla else 2, head_dim_k, head_dim_v, mla=mla,
+                        block_size=block_size, seed=block_size)
+    q, k_cache, v_cache, table, seq_lens, tokens = case
+    want_out, want_lse = _dense_f64(q, tokens, 0.2)
+    for config in (None, DecodeConfig(16, 3, 1, 1), DecodeConfig(32, 2, 1, 1)):
+        out, lse = paged_decode(q, k_cache, v_cache, table, seq_lens, 0.2, config=config)
+        torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_explicit_config(monkeypatch):
     """A given config (the MLA decode bench's tuning sweep passes one) replaces decode_config:
     32-token tiles over 4-token pages, 2 splits."""
