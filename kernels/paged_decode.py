@@ -29,9 +29,11 @@ class DecodeConfig:
 # tiles at 8 warps when the batch alone about fills the GPU, which also saves the merge launch.
 # Measured on one H200 (batch 128, 16 heads x 576, pages of 16), with the table reads pipelined:
 # 23.6 us per layer inside the decode step at ~258 tokens (28.8 with two stages and the table
-# read in the loop). The bound could rise: with KV far beyond L2 these tiles took 59.8 us at 1024
-# tokens (two splits: 64.8) and 113.3 at 2048 (109.6); at 512 the GPU tests cross it within the
-# tiny models' 512 positions.
+# read in the loop), before the loop lost its per-token division (26bc05b: 13.7 us for 256 tokens
+# outside the step, 18.3 before). Re-tuned in the step after that: (32, 1, 4, 3) 9.04 ms TPOT,
+# these tiles 9.05, (64, 1, 4, 3) 9.07, (64, 1, 8, 2) 9.15. The bound could rise: with KV far
+# beyond L2 these tiles took 59.8 us at 1024 tokens (two splits: 64.8) and 113.3 at 2048 (109.6),
+# before 26bc05b; at 512 the GPU tests cross it within the tiny models' 512 positions.
 MAX_SHORT_CONTEXT = 512
 # Splits (long contexts, or batches that leave SMs idle) cover at least this many tokens, the rule
 # of the 32-token tiles before (small batches were not re-measured with the 64-token tiles).
@@ -55,6 +57,8 @@ def gpu_decode_config(num_programs: int, max_context: int, num_sms: int,
     # Measured on one H200 (bf16, 16 heads x 576, pages of 16, batch 128, table reads pipelined):
     # 64-token tiles, 4 warps, 2 stages, two programs per SM: 3.06 TB/s at 4k, 3.27 at 8k (32-token
     # tiles: 2.44 and 2.55); a partial second wave (e.g. 3 splits at batch 128) cost up to 30%.
+    # Since 26bc05b (no per-token division in the loop) the same tiles read 3.81 and 4.05 TB/s;
+    # not re-tuned since.
     wanted = 2 * num_sms // max(num_programs, 1)
     if num_splits is None and wanted <= 2 and max_context <= MAX_SHORT_CONTEXT:
         return SHORT_CONTEXT_CONFIG
@@ -99,8 +103,10 @@ def _attend_tile(q1, q2, m_i, l_i, acc, block, tile_start, end, table_row, tile_
     multiple of BLOCK_N) before `end`, whose page numbers are `block`; returns them and the
     next tile's page numbers. k_ptr / v_ptr point at the kv head. With PAGE_ALIGNED (BLOCK_N and
     the page size divide one another) a token's slot is a per-tile scalar plus a loop-invariant
-    vector: no per-token division, 1018 -> 570 SASS instructions per MLA tile (64 tokens), TPOT
-    9.14 -> 9.07 ms (one H200, dsv2lite, the seed workload)."""
+    vector: no per-token division, 1018 -> 569 SASS instructions per MLA tile (64 tokens), TPOT
+    9.13 / 9.14 -> 9.05 / 9.05 ms (one H200, dsv2lite, the seed workload). Skipping the token
+    masks on whole tiles (a separate masked last tile, outside the pipelined loop) measured
+    slower in the step: 9.15 ms."""
     tok_mask = tile_start + offs_n < end
     next_block = _page_numbers(table_row, tile_start + BLOCK_N, tile_page, end, table_stride_b,
                                BLOCK_SIZE, PAGE_ALIGNED)
