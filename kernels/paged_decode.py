@@ -73,14 +73,12 @@ def _page_numbers(table_row, tile_start, tile_page, end, table_stride_b, BLOCK_S
     """[BLOCK_N] int64 page numbers of the tile's tokens (0 past `end`); tile_page is
     offs_n // BLOCK_SIZE if PAGE_ALIGNED, else offs_n."""
     if PAGE_ALIGNED:
-        pos = tile_start + tile_page * BLOCK_SIZE  # the page's first token, for the mask
+        first = tile_start + tile_page * BLOCK_SIZE  # the tile's first token in that page
         page = tile_start // BLOCK_SIZE + tile_page
-        mask = pos < end
     else:
-        pos = tile_start + tile_page
-        page = pos // BLOCK_SIZE
-        mask = pos < end
-    return tl.load(table_row + page * table_stride_b, mask=mask, other=0).to(tl.int64)
+        first = tile_start + tile_page
+        page = first // BLOCK_SIZE
+    return tl.load(table_row + page * table_stride_b, mask=first < end, other=0).to(tl.int64)
 
 
 @triton.jit

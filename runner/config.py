@@ -35,7 +35,7 @@ class AttentionConfig:
 class BlockTableConfig:
     _target_: str = "runner.block_table.paged.PagedBlockTable"
     _partial_: bool = True  # the parallel plan adds cp_size and cp_rank
-    block_size: int = 16  # tokens per physical block on one rank
+    block_size: int = 16  # tokens per physical block on one rank (powers of two decode fastest)
     interleave: int = 1  # DCP interleave: consecutive tokens per rank before moving on
     num_blocks: Optional[int] = None  # physical blocks per rank; null: sized from memory
     memory_fraction: float = 0.9  # of GPU memory, weights included, less 4 GiB (GPU only)
