@@ -45,3 +45,9 @@ class ForwardContext:
     attn_meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
     attention: AttentionBackend
+
+    @property
+    def fused_kv_write(self) -> bool:
+        """A layer's prologue kernel may store its cache rows instead of calling write_kv (the
+        backend says so; one without the attribute: False)."""
+        return getattr(self.attention, "fused_kv_write", False)

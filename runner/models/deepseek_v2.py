@@ -102,7 +102,7 @@ class MLAAttention(nn.Module):
         q_pe_roped = torch.empty_like(q_pe) if meta.is_prefill else (
             q_absorbed[:, :, self.kv_lora_rank:])
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]  # v_cache: a view of k_cache
-        fused_write = getattr(ctx.attention, "fused_kv_write", False)  # in the prologue kernel
+        fused_write = ctx.fused_kv_write  # the cache rows stored by the prologue kernel
         norm_rope = mla_norm_rope if hidden.is_cuda else mla_norm_rope_ref  # the same rounding
         norm_rope(latent, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos,
                   sin, kv[:, 0], q_pe_roped, k_cache if fused_write else None, meta.slot_mapping)

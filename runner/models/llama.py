@@ -160,7 +160,7 @@ class LlamaAttention(nn.Module):
         qk = torch.empty_like(qkv[:, :num_qk_heads])  # [T, Hq + Hkv, D], rotated
         meta = ctx.attn_meta
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
-        fused_write = getattr(ctx.attention, "fused_kv_write", False)  # in the prologue kernel
+        fused_write = ctx.fused_kv_write  # the cache rows stored by the prologue kernel
         prologue = gqa_prologue if x.is_cuda else gqa_prologue_ref  # the same rounding
         prologue(qkv[:, :num_qk_heads], v, cos, sin, qk, k_cache if fused_write else None,
                  v_cache if fused_write else None, meta.slot_mapping)

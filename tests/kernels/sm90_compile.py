@@ -59,7 +59,8 @@ CASES = {
         "kernels.paged_decode:_paged_decode_kernel",
         {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},
         {"HEAD_DIM_K": 576, "HEAD_DIM_V": 512, "BLOCK_H": 16, "BLOCK_N": cfg.block_n,
-         "BLOCK_D1": 512, "BLOCK_D2": 64, "BLOCK_DV": 512, "BLOCK_SIZE": 16, "PAGE_ALIGNED": True, "V_FROM_K": True,
+         "BLOCK_D1": 512, "BLOCK_D2": 64, "BLOCK_DV": 512, "BLOCK_SIZE": 16, "PAGE_ALIGNED": True,
+         "V_FROM_K": True,
          "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32", "PDL": True},
         {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
        for name, cfg in (("long", gpu_decode_config(128, 4096, 132)),
