@@ -31,7 +31,7 @@ NUM_TIMED_STEPS = 50
 NUM_PROFILED_STEPS = 5
 CATEGORIES = (  # first match wins; names are lower-cased kernel names
     ("collectives (NCCL)", ("nccl",)),
-    ("MoE (routed experts)", ("moe", "align", "gate_up", "_down_kernel", "sum_choices")),
+    ("MoE (routed experts)", ("moe", "bucket", "gate_up", "_down_kernel", "sum_choices")),
     ("attention decode", ("paged", "decode", "merge")),
     ("dense GEMM", ("gemm", "nvjet", "cutlass", "sm90", "cublas", "splitk")),
 )

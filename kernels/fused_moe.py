@@ -1,4 +1,4 @@
-"""Triton fused MoE for decode: pairs (token, choice) sorted by expert into BLOCK_M-padded segments,
+"""Triton fused MoE for decode: pairs (token, choice) grouped by expert (kernels/expert_buckets.py),
 a grouped GEMM for gate and up (silu(gate) * up), one for down (times the router weight), a
 fixed-order sum over choices, to which an optional per-token input (DeepSeek's shared experts'
 output) is added. Worst-case static buffers: no host sync, CUDA-graph safe."""
@@ -12,6 +12,8 @@ import triton.language as tl
 
 from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
 from kernels.dot_operands import DOT_DTYPES, dot_operands, interpreting
+from kernels.expert_buckets import ExpertBuckets, bucket_by_expert, bucket_rows, max_row_blocks
+from kernels.rms_norm import rms_norm, weighted_rms_norm
 
 
 @dataclass(frozen=True)
@@ -66,66 +68,23 @@ def moe_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate
     return config
 
 
-@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])  # sizes vary per step
-def _align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, num_experts,
-                  max_blocks, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-                  CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """Program e: writes expert e's pairs (in pair order) and padding (num_pairs) into its
-    segment of sorted_pairs, e into block_experts for its blocks, and -1 into every
-    num_experts-th chunk of the unused blocks."""
-    wait_for_previous_kernel(PDL)
-    expert = tl.program_id(0)
-    experts = tl.arange(0, BLOCK_E)
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for start in range(0, num_pairs, CHUNK):
-        pairs = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
-        counts += tl.histogram(ids.to(tl.int32), BLOCK_E, mask=(ids >= 0) & (ids < num_experts))
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [BLOCK_E]
-    ends = tl.cumsum(padded, axis=0)
-    own = experts == expert
-    seg_end = tl.sum(tl.where(own, ends, 0), axis=0)
-    seg_start = seg_end - tl.sum(tl.where(own, padded, 0), axis=0)
-    seg_count = tl.sum(tl.where(own, counts, 0), axis=0)
-
-    num_before = tl.zeros([], dtype=tl.int32)
-    for start in range(0, num_pairs, CHUNK):
-        pairs = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
-        hit = (ids == expert).to(tl.int32)
-        rank = num_before + tl.cumsum(hit, axis=0) - hit  # [CHUNK]
-        tl.store(sorted_pairs_ptr + seg_start + rank, pairs, mask=hit > 0)
-        num_before += tl.sum(hit, axis=0)
-    pad_rows = seg_start + seg_count + tl.arange(0, BLOCK_M)
-    tl.store(sorted_pairs_ptr + pad_rows, num_pairs, mask=pad_rows < seg_end)
-
-    for first in range(seg_start // BLOCK_M, seg_end // BLOCK_M, CHUNK):
-        blocks = first + tl.arange(0, CHUNK)
-        tl.store(block_experts_ptr + blocks, expert, mask=blocks < seg_end // BLOCK_M)
-    used_blocks = tl.sum(padded, axis=0) // BLOCK_M
-    for first in range(used_blocks + expert * CHUNK, max_blocks, num_experts * CHUNK):
-        blocks = first + tl.arange(0, CHUNK)
-        tl.store(block_experts_ptr + blocks, -1, mask=blocks < max_blocks)
-
-
 @triton.jit(do_not_specialize=["num_pairs"])  # one compile for every batch size
-def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr,
-                    num_pairs, top_k, hidden_size, intermediate_size,
+def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, counts_ptr, buckets_ptr,
+                    num_pairs, num_experts, top_k, hidden_size, intermediate_size,
                     x_stride_t, x_stride_h, w_stride_e, w_stride_n, w_stride_k, act_stride_r,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    PDL: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """act[rows, cols] = silu(x_t @ gate_e.T) * (x_t @ up_e.T) for one block of pair rows."""
     wait_for_previous_kernel(PDL)
     num_col_tiles = tl.cdiv(intermediate_size, BLOCK_N)
     block, col_tile = tl.program_id(0) // num_col_tiles, tl.program_id(0) % num_col_tiles
-    expert = tl.load(block_experts_ptr + block)
-    if expert < 0:
+    expert, pairs, row_mask = bucket_rows(block, counts_ptr, buckets_ptr, num_experts,
+                                          num_pairs, BLOCK_M, BLOCK_E)
+    if expert >= num_experts:
         return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_pairs_ptr + rows)
-    row_mask = pairs < num_pairs  # padding rows load zeros
-    tokens = (pairs // top_k).to(tl.int64)
+    tokens = (pairs // top_k).to(tl.int64)  # padding rows load zeros
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < intermediate_size
     ks = tl.arange(0, BLOCK_K)
@@ -157,23 +116,22 @@ def _gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_pairs_ptr, block_experts_ptr
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_ptr,
-                 weights_ptr, num_pairs, hidden_size, intermediate_size,
+def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, counts_ptr, buckets_ptr, weights_ptr,
+                 num_pairs, num_experts, hidden_size, intermediate_size,
                  act_stride_r, w_stride_e, w_stride_n, w_stride_k, out_stride_p,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 PDL: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """pair_out[pair, cols] = weight[pair] * (act[row] @ down_e.T) for one block of pair rows,
     in fp32, stored in pair_out's dtype."""
     wait_for_previous_kernel(PDL)
     num_col_tiles = tl.cdiv(hidden_size, BLOCK_N)
     block, col_tile = tl.program_id(0) // num_col_tiles, tl.program_id(0) % num_col_tiles
-    expert = tl.load(block_experts_ptr + block)
-    if expert < 0:
+    expert, pairs, row_mask = bucket_rows(block, counts_ptr, buckets_ptr, num_experts,
+                                          num_pairs, BLOCK_M, BLOCK_E)
+    if expert >= num_experts:
         return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_pairs_ptr + rows)
-    row_mask = pairs < num_pairs
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden_size
     ks = tl.arange(0, BLOCK_K)
@@ -199,32 +157,46 @@ def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, sorted_pairs_ptr, block_experts_
 
 
 @triton.jit
-def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, out_ptr, num_experts,
-                        hidden_size, out_stride_p, add_stride_t, out_stride_t,
-                        TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr,
-                        PDL: tl.constexpr):
+def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, residual_ptr, norm_weight_ptr, out_ptr,
+                        sum_ptr, num_experts, hidden_size, eps, out_stride_p, add_stride_t,
+                        residual_stride_t, out_stride_t, sum_stride_t, TOP_K: tl.constexpr,
+                        HAS_ADD: tl.constexpr, ALL_LOCAL: tl.constexpr, NORM: tl.constexpr,
+                        BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """out[t] = (add[t] if HAS_ADD) + sum over k in order of pair_out[t*K + k], skipping pairs
-    with no local expert; in fp32. The unrolled k loop issues its K independent loads at once."""
+    with no local expert (unless ALL_LOCAL: no ids are read); in fp32. The unrolled k loop issues
+    its K independent loads at once.
+    NORM (one program per token): then sum[t] = out[t] + residual[t] and out[t] = its RMSNorm
+    times norm_weight, rounded as kernels/rms_norm.py rounds them."""
     wait_for_previous_kernel(PDL)
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < hidden_size
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     if HAS_ADD:
-        acc += tl.load(add_ptr + token.to(tl.int64) * add_stride_t + cols, mask=col_mask,
+        acc += tl.load(add_ptr + token * add_stride_t + cols, mask=col_mask,
                        other=0.0).to(tl.float32)
     for k in tl.static_range(TOP_K):
         pair = token * TOP_K + k
-        expert = tl.load(ids_ptr + pair)
-        local = (expert >= 0) & (expert < num_experts)
-        acc += tl.load(pair_out_ptr + pair.to(tl.int64) * out_stride_p + cols,
-                       mask=col_mask & local, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token.to(tl.int64) * out_stride_t + cols,
-             acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+        mask = col_mask
+        if not ALL_LOCAL:
+            expert = tl.load(ids_ptr + pair)
+            mask = mask & (expert >= 0) & (expert < num_experts)
+        acc += tl.load(pair_out_ptr + pair * out_stride_p + cols, mask=mask,
+                       other=0.0).to(tl.float32)
+    out = acc.to(out_ptr.dtype.element_ty)
+    if NORM:
+        residual = tl.load(residual_ptr + token * residual_stride_t + cols, mask=col_mask,
+                           other=0.0)
+        summed = (out.to(tl.float32) + residual.to(tl.float32)).to(out.dtype)
+        tl.store(sum_ptr + token * sum_stride_t + cols, summed, mask=col_mask)
+        out = weighted_rms_norm(summed, norm_weight_ptr, cols, col_mask, hidden_size,
+                                eps).to(out.dtype)
+    tl.store(out_ptr + token * out_stride_t + cols, out, mask=col_mask)
 
 
 def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, add: torch.Tensor | None) -> None:
+                  topk_weights: torch.Tensor, add: torch.Tensor | None,
+                  residual: torch.Tensor | None, norm: tuple[torch.Tensor, float] | None) -> None:
     if x.dim() != 2 or x.dtype not in DOT_DTYPES:
         raise ValueError(f"x must be [T, H] bfloat16, float16 or float32, got {tuple(x.shape)} "
                          f"{x.dtype}")
@@ -246,10 +218,15 @@ def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                          f"{tuple(topk_weights.shape)} {topk_weights.dtype}")
     if any(t.device != x.device for t in (w13, w2, topk_ids, topk_weights)):
         raise ValueError(f"w13, w2, topk_ids and topk_weights must be on x's device {x.device}")
-    if add is not None and (add.shape != x.shape or add.stride(-1) != 1
-                            or add.device != x.device):
-        raise ValueError(f"add must be [T={num_tokens}, H={hidden_size}] with unit column "
-                         f"stride on {x.device}, got {tuple(add.shape)} on {add.device}")
+    for name, t in (("add", add), ("residual", residual)):
+        if t is not None and (t.shape != x.shape or t.stride(-1) != 1 or t.device != x.device):
+            raise ValueError(f"{name} must be [T={num_tokens}, H={hidden_size}] with unit column "
+                             f"stride on {x.device}, got {tuple(t.shape)} on {t.device}")
+    if (residual is None) != (norm is None) or norm is not None and (
+            norm[0].shape != (hidden_size,) or norm[0].device != x.device):
+        raise ValueError(f"residual and norm = (weight [H={hidden_size}] on {x.device}, eps) go "
+                         f"together; got residual {residual is not None}, norm "
+                         f"{None if norm is None else tuple(norm[0].shape)}")
 
 
 def _wait(event: torch.cuda.Event | None, device: torch.device) -> None:
@@ -258,30 +235,16 @@ def _wait(event: torch.cuda.Event | None, device: torch.device) -> None:
         torch.cuda.current_stream(device).wait_event(event)
 
 
-def align_pairs(flat_ids: torch.Tensor, num_experts: int,
-                block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """flat_ids [P] contiguous (pair p: token p // K, choice p % K) -> (sorted_pairs [R] int32:
-    the pairs grouped by expert in pair order, each expert's segment padded with P to a multiple
-    of block_m; block_experts [R / block_m] int32: each block's expert, -1 if unused). R is the
-    worst case over routings, so no host sync is needed. Ids outside [0, E) are dropped."""
-    num_pairs = flat_ids.numel()
-    # Every expert's segment is padded by < block_m rows, and at most min(E, P) are non-empty.
-    max_blocks = (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
-    sorted_pairs = torch.empty(max_blocks * block_m, dtype=torch.int32, device=flat_ids.device)
-    block_experts = torch.empty(max_blocks, dtype=torch.int32, device=flat_ids.device)
-    _align_kernel[(num_experts,)](
-        flat_ids, sorted_pairs, block_experts, num_pairs, num_experts, max_blocks,
-        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
-        CHUNK=min(1024, max(16, triton.next_power_of_2(num_pairs))),
-        **dependent_launch(flat_ids.device))
-    return sorted_pairs, block_experts
-
-
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      config: MoeConfig | None = None,
                      add: torch.Tensor | None = None,
-                     add_ready: torch.cuda.Event | None = None) -> torch.Tensor:
+                     add_ready: torch.cuda.Event | None = None,
+                     buckets: ExpertBuckets | None = None,
+                     residual: torch.Tensor | None = None,
+                     norm: tuple[torch.Tensor, float] | None = None,
+                     all_local: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """add[t] + sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
     e = topk_ids[t, k].
 
@@ -289,21 +252,31 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     outside [0, E), e.g. -1 for an expert held elsewhere, contribute nothing); topk_weights
     [T, K]; add [T, H] or None. Returns [T, H] in x's dtype, accumulated in fp32. config
     defaults to moe_config(...). add_ready: an event recorded once `add` is written on another
-    stream; only the final sum waits for it, so that work overlaps the expert GEMMs.
+    stream; only the final sum waits for it, so that work overlaps the expert GEMMs. buckets:
+    the pairs already grouped by expert (moe_route fills them), else bucket_by_expert(...).
+    residual [T, H] and norm (weight [H], eps): returns (rms_norm(out + residual) * weight,
+    out + residual) as kernels/rms_norm.py would, from the same kernel as the sum. all_local:
+    the caller vouches that every id lies in [0, E) (the router's, every expert on this rank),
+    so the final sum need not read them.
     """
-    _check_inputs(x, w13, w2, topk_ids, topk_weights, add)
+    _check_inputs(x, w13, w2, topk_ids, topk_weights, add, residual, norm)
     num_tokens, hidden_size = x.shape
     num_experts, intermediate_size = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
     out = torch.empty(num_tokens, hidden_size, dtype=x.dtype, device=x.device)
     if out.numel() == 0 or top_k == 0:
         _wait(add_ready, x.device)
-        return out.zero_() if add is None else out.copy_(add)
+        out = out.zero_() if add is None else out.copy_(add)
+        return out if norm is None else rms_norm(out, norm[0], norm[1], residual)
     cfg = config or moe_config(num_tokens, num_experts, hidden_size, intermediate_size, x.dtype)
     block_m = cfg.block_m
     flat_ids = topk_ids.reshape(-1).contiguous()  # [P], pair p = (token p // K, choice p % K)
-    sorted_pairs, block_experts = align_pairs(flat_ids, num_experts, block_m)
-    num_pairs, max_blocks = flat_ids.numel(), block_experts.numel()
+    num_pairs = flat_ids.numel()
+    if buckets is None:
+        buckets = bucket_by_expert(flat_ids, num_experts)
+    buckets.check(num_experts, num_pairs, x.device)
+    max_blocks = max_row_blocks(num_pairs, num_experts, block_m)
+    block_e = triton.next_power_of_2(num_experts)
     act = torch.empty(max_blocks * block_m, intermediate_size, dtype=x.dtype,
                       device=x.device)  # [R, I]
     # Each pair's weighted output is stored in x's dtype (as transformers rounds each expert's
@@ -314,28 +287,36 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     dot_dtype, precision = dot_operands(x.dtype)
     pdl = dependent_launch(x.device)
     # One program per (block, column tile), a block's tiles adjacent: the used blocks come first
-    # (align_pairs), so the programs of unused blocks (up to a third at batch 128), which only
-    # read their -1 and exit, queue behind all the real work instead of between it.
+    # (expert_buckets), so the programs of unused blocks (up to a third at batch 128), which
+    # only read the counts and exit, queue behind all the real work instead of between it.
     tiles = cfg.gate_up
     _gate_up_kernel[(max_blocks * triton.cdiv(intermediate_size, tiles.block_n),)](
-        x, w13, act, sorted_pairs, block_experts, num_pairs, top_k,
+        x, w13, act, buckets.counts, buckets.pairs, num_pairs, num_experts, top_k,
         hidden_size, intermediate_size, *x.stride(), *w13.stride(), act.stride(0),
-        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         EVEN_K=hidden_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl)
     tiles = cfg.down
     _down_kernel[(max_blocks * triton.cdiv(hidden_size, tiles.block_n),)](
-        act, w2, pair_out, sorted_pairs, block_experts, flat_weights,
-        num_pairs, hidden_size, intermediate_size, act.stride(0), *w2.stride(), pair_out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        EVEN_K=intermediate_size % tiles.block_k == 0, DOT_DTYPE=dot_dtype,
-        DOT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl)
+        act, w2, pair_out, buckets.counts, buckets.pairs, flat_weights,
+        num_pairs, num_experts, hidden_size, intermediate_size, act.stride(0), *w2.stride(),
+        pair_out.stride(0), BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, EVEN_K=intermediate_size % tiles.block_k == 0,
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages, **pdl)
     # 256 columns per program: at batch 128, 1024 programs; TPOT 9.44 -> 9.42 ms against 1024
-    # columns (one H200, dsv2lite; -0.01 ms in an earlier call)
-    block_h = min(triton.next_power_of_2(hidden_size), 256)
+    # columns (one H200, dsv2lite; -0.01 ms in an earlier call). The norm needs whole rows.
+    block_h = triton.next_power_of_2(hidden_size)
+    if norm is None:
+        block_h = min(block_h, 256)
+    summed = None if norm is None else torch.empty_like(out)  # [T, H]
     _wait(add_ready, x.device)
     _sum_choices_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
-        pair_out, flat_ids, pair_out if add is None else add, out, num_experts,
-        hidden_size, pair_out.stride(0), 0 if add is None else add.stride(0), out.stride(0),
-        TOP_K=top_k, HAS_ADD=add is not None, BLOCK_H=block_h, **pdl)
-    return out
+        pair_out, flat_ids, pair_out if add is None else add,
+        out if residual is None else residual, out if norm is None else norm[0], out,
+        out if summed is None else summed, num_experts, hidden_size,
+        0.0 if norm is None else norm[1], pair_out.stride(0),
+        0 if add is None else add.stride(0), 0 if residual is None else residual.stride(0),
+        out.stride(0), out.stride(0), TOP_K=top_k, HAS_ADD=add is not None,
+        ALL_LOCAL=all_local, NORM=norm is not None, BLOCK_H=block_h, num_warps=4 if block_h <= 4096 else 8, **pdl)
+    return out if norm is None else (out, summed)

@@ -1,7 +1,8 @@
 """DeepSeek MoE routing in two launches: the fp32 router logits as a split-K GEMM (16 programs per
 16 tokens: a decode step's 128 tokens alone are only 8 row blocks for 132 SMs), then one kernel
 that sums the splits in order, and takes the softmax, the optional group-limited selection,
-top-k, and renormalisation or the routed scaling factor.
+top-k, and renormalisation or the routed scaling factor; optionally it also groups the pairs by
+expert for the fused MoE (kernels/expert_buckets.py).
 
 The rule (DeepSeek-V2's): scores = softmax(x @ W.T) in fp32; group-limited: only experts of the
 `topk_group` groups with the highest best score compete; the K best scores are the weights,
@@ -14,6 +15,7 @@ import triton.language as tl
 
 from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
 from kernels.dot_operands import DOT_DTYPES, dot_operands
+from kernels.expert_buckets import ExpertBuckets, add_to_buckets
 
 BLOCK_T = 16  # tokens per program of the logits GEMM
 # tokens per program of the top-k kernel, one warp each: on one H200 at batch 128 (E=64, top-6)
@@ -24,17 +26,23 @@ MAX_SPLITS = 16  # K splits of the logits GEMM: 8 token blocks x 16 = 128 progra
 
 
 @triton.jit(do_not_specialize=["num_tokens"])  # one compile for every batch size
-def _router_logits_kernel(x_ptr, w_ptr, partial_ptr, num_tokens, num_experts, hidden_size,
-                          x_stride, w_stride, split_stride, k_per_split,
+def _router_logits_kernel(x_ptr, w_ptr, partial_ptr, counts_ptr, num_tokens, num_experts,
+                          hidden_size, x_stride, w_stride, split_stride, k_per_split,
                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                          DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """partial[s, t, e] = sum over split s's k_per_split columns of x[t, k] * w[e, k], in fp32."""
+                          DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          FILL_BUCKETS: tl.constexpr, PDL: tl.constexpr):
+    """partial[s, t, e] = sum over split s's k_per_split columns of x[t, k] * w[e, k], in fp32;
+    with FILL_BUCKETS, program (0, 0) zeroes the bucket counts the top-k kernel then fills."""
     wait_for_previous_kernel(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     split = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)
     ks = tl.arange(0, BLOCK_K)
     token_mask, expert_mask = tokens < num_tokens, experts < num_experts
+    if FILL_BUCKETS:
+        first = (tl.program_id(0) == 0) & (split == 0)
+        tl.store(counts_ptr + experts, tl.zeros([BLOCK_E], dtype=tl.int32),
+                 mask=expert_mask & first)
     x_rows = x_ptr + tokens[:, None].to(tl.int64) * x_stride
     w_rows = w_ptr + experts[:, None] * w_stride
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
@@ -53,11 +61,13 @@ def _router_logits_kernel(x_ptr, w_ptr, partial_ptr, num_tokens, num_experts, hi
 
 
 @triton.jit(do_not_specialize=["num_tokens"])  # one compile for every batch size
-def _moe_topk_kernel(partial_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, split_stride,
-                     scaling, NUM_SPLITS: tl.constexpr, TOP_K: tl.constexpr,
-                     NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr,
-                     BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                     PDL: tl.constexpr):
+def _moe_topk_kernel(partial_ptr, weights_ptr, ids_ptr, counts_ptr, buckets_ptr, num_tokens,
+                     num_experts, split_stride, scaling, NUM_SPLITS: tl.constexpr,
+                     TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                     RENORMALIZE: tl.constexpr, BLOCK_TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_E: tl.constexpr, FILL_BUCKETS: tl.constexpr, PDL: tl.constexpr):
+    """The choices of BLOCK_T tokens from their split logits; with FILL_BUCKETS each pair also
+    joins its expert's bucket (buckets of num_tokens * TOP_K pairs each)."""
     wait_for_previous_kernel(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
@@ -104,13 +114,18 @@ def _moe_topk_kernel(partial_ptr, weights_ptr, ids_ptr, num_tokens, num_experts,
     mask = token_mask[:, None] & (slots[None, :] < TOP_K)
     tl.store(weights_ptr + offsets, top_weights, mask=mask)
     tl.store(ids_ptr + offsets, top_ids, mask=mask)
+    if FILL_BUCKETS:
+        add_to_buckets(top_ids, offsets, mask, num_experts, counts_ptr, buckets_ptr,
+                       num_tokens * TOP_K)
 
 
 def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups: int,
-              topk_group: int, renormalize: bool, scaling: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              topk_group: int, renormalize: bool, scaling: float,
+              buckets: ExpertBuckets | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], gate_weight [E, H] (any float dtype, used in fp32) -> (topk_weights [T, K]
-    fp32, topk_ids [T, K] int64). num_groups <= 1: plain greedy top-k."""
+    fp32, topk_ids [T, K] int64). num_groups <= 1: plain greedy top-k. buckets (of E experts
+    and T * K pairs, e.g. ExpertBuckets.empty(...)): also filled with the pairs, for
+    fused_moe_triton, in the same launches."""
     num_tokens, hidden_size = x.shape
     num_experts = gate_weight.shape[0]
     if x.stride(-1) != 1 or gate_weight.shape[1] != hidden_size or gate_weight.stride(-1) != 1:
@@ -119,9 +134,13 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
     if not 1 <= top_k <= num_experts or (num_groups > 1 and num_experts % num_groups):
         raise ValueError(f"moe_route: top_k={top_k}, num_groups={num_groups} do not fit "
                          f"{num_experts} experts")
+    if buckets is not None:
+        buckets.check(num_experts, num_tokens * top_k, x.device)
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
     if not num_tokens:
+        if buckets is not None:
+            buckets.counts.zero_()
         return weights, ids
     block_e = max(16, triton.next_power_of_2(num_experts))
     block_k = max(16, min(MAX_TILE_ELEMENTS // block_e, triton.next_power_of_2(hidden_size)))
@@ -135,16 +154,18 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_groups
     same = x.dtype == gate_weight.dtype and x.dtype in DOT_DTYPES
     dot_dtype, precision = dot_operands(x.dtype if same else torch.float32)
     pdl = dependent_launch(x.device)
+    counts, pairs = (ids, ids) if buckets is None else (buckets.counts, buckets.pairs)
     _router_logits_kernel[(num_token_blocks, num_splits)](
-        x, gate_weight, partial, num_tokens, num_experts, hidden_size, x.stride(0),
+        x, gate_weight, partial, counts, num_tokens, num_experts, hidden_size, x.stride(0),
         gate_weight.stride(0), partial.stride(0), k_per_split, BLOCK_T=BLOCK_T, BLOCK_E=block_e,
-        BLOCK_K=block_k, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=4, **pdl)
+        BLOCK_K=block_k, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        FILL_BUCKETS=buckets is not None, num_warps=4, **pdl)
     _moe_topk_kernel[(triton.cdiv(num_tokens, TOPK_BLOCK_T),)](
-        partial, weights, ids, num_tokens, num_experts, partial.stride(0), scaling,
+        partial, weights, ids, counts, pairs, num_tokens, num_experts, partial.stride(0), scaling,
         NUM_SPLITS=num_splits, TOP_K=top_k, NUM_GROUPS=num_groups if num_groups > 1 else 1,
         TOPK_GROUP=topk_group if num_groups > 1 else 1, RENORMALIZE=renormalize and top_k > 1,
         BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_T=TOPK_BLOCK_T, BLOCK_E=block_e,
-        num_warps=1, **pdl)
+        FILL_BUCKETS=buckets is not None, num_warps=1, **pdl)
     return weights, ids
 
 

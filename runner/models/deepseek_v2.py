@@ -18,7 +18,7 @@ from runner.errors import RunnerError
 from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from runner.models.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard
-from runner.models.layers.decoder_layer import DecoderLayer
+from runner.models.layers.decoder_layer import DecoderLayer, run_decoder_layers
 from runner.models.layers.mlp import GatedMLP
 from runner.models.layers.moe import DeepseekMoE
 from runner.models.layers.norm import RMSNorm
@@ -166,10 +166,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         """input_ids, positions [T] (all requests' tokens) -> hidden after the final norm [T, H]."""
         cos, sin = self.rotary_emb(positions)  # [T, rope / 2] each
         hidden = self.model.embed_tokens(input_ids)  # [T, H]
-        residual = None
-        for layer in self.model.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, ctx)
-        return self.model.norm(hidden, residual)[0]
+        return run_decoder_layers(self.model.layers, self.model.norm, hidden, cos, sin, ctx)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
                        ) -> torch.Tensor:

@@ -17,7 +17,7 @@ from runner.errors import RunnerError
 from runner.forward_context import ForwardContext, KVCacheSpec
 from runner.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from runner.models.layers.linear import RowParallelLinear, Shard, _copy_into
-from runner.models.layers.decoder_layer import DecoderLayer
+from runner.models.layers.decoder_layer import DecoderLayer, run_decoder_layers
 from runner.models.layers.mlp import GatedMLP
 from runner.models.layers.norm import RMSNorm
 from runner.models.layers.rope import RotaryEmbedding
@@ -207,10 +207,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, hidden] (after the last norm)."""
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.model.rotary_emb(positions)  # [T, D/2] each
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, cos, sin, ctx)
-        return self.model.norm(x, residual)[0]
+        return run_decoder_layers(self.model.layers, self.model.norm, x, cos, sin, ctx)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
                        ) -> torch.Tensor:

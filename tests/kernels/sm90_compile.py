@@ -41,20 +41,25 @@ CASES = {
                       {"num_warps": 4}),
     **{f"moe_topk_e{block_e}": (
         "kernels.moe_router:_moe_topk_kernel",
-        {"partial_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64},
+        {"partial_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64, "counts_ptr": I32,
+         "buckets_ptr": I32},
         {"NUM_SPLITS": 16, "TOP_K": 6, "NUM_GROUPS": 1, "TOPK_GROUP": 1, "RENORMALIZE": False,
-         "BLOCK_TOP_K": 8, "BLOCK_T": 4, "BLOCK_E": block_e, "PDL": True}, {"num_warps": 1})
+         "BLOCK_TOP_K": 8, "BLOCK_T": 4, "BLOCK_E": block_e, "FILL_BUCKETS": True, "PDL": True},
+        {"num_warps": 1})
        for block_e in (64, 256)},  # DeepSeek-V2-Lite, V2
     **{f"router_logits_e{block_e}": (
-        "kernels.moe_router:_router_logits_kernel", {"partial_ptr": FP32},
+        "kernels.moe_router:_router_logits_kernel", {"partial_ptr": FP32, "counts_ptr": I32},
         {"BLOCK_T": 16, "BLOCK_E": block_e, "BLOCK_K": 8192 // block_e,
-         "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32", "PDL": True}, {"num_warps": 4})
+         "DOT_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32", "FILL_BUCKETS": True, "PDL": True},
+        {"num_warps": 4})
        for block_e in (64, 256)},
-    "moe_align": ("kernels.fused_moe:_align_kernel",
-                  {"ids_ptr": I64, "sorted_pairs_ptr": I32, "block_experts_ptr": I32},
-                  {"BLOCK_M": 16, "BLOCK_E": 64, "CHUNK": 1024, "PDL": True}, {}),
-    "moe_sum": ("kernels.fused_moe:_sum_choices_kernel", {"ids_ptr": I64},
-                {"TOP_K": 6, "HAS_ADD": True, "BLOCK_H": 256, "PDL": True}, {}),
+    "moe_buckets": ("kernels.expert_buckets:_bucket_kernel",
+                    {"ids_ptr": I64, "counts_ptr": I32, "buckets_ptr": I32}, {"BLOCK": 1024}, {}),
+    **{f"moe_sum{'_norm' * norm}": (
+        "kernels.fused_moe:_sum_choices_kernel", {"ids_ptr": I64},
+        {"TOP_K": 6, "HAS_ADD": True, "ALL_LOCAL": norm, "NORM": norm,
+         "BLOCK_H": 2048 if norm else 256,
+         "PDL": True}, {"num_warps": 4}) for norm in (False, True)},
     **{f"paged_decode_mla_{name}": (
         "kernels.paged_decode:_paged_decode_kernel",
         {"block_table_ptr": I32, "seq_lens_ptr": I32, "lse_ptr": FP32},
@@ -69,8 +74,8 @@ CASES = {
 
 
 MOE_GEMM_POINTERS = {
-    "_gate_up_kernel": {"sorted_pairs_ptr": I32, "block_experts_ptr": I32},
-    "_down_kernel": {"sorted_pairs_ptr": I32, "block_experts_ptr": I32, "weights_ptr": FP32},
+    "_gate_up_kernel": {"counts_ptr": I32, "buckets_ptr": I32},
+    "_down_kernel": {"counts_ptr": I32, "buckets_ptr": I32, "weights_ptr": FP32},
 }
 
 
@@ -83,7 +88,7 @@ def moe_gemm_cases() -> dict:
     for num_tokens in (128, MAX_TRITON_MOE_TOKENS):
         config = moe_config(num_tokens, 64, 2048, 1408, torch.bfloat16)
         for kernel, tiles in (("_gate_up_kernel", config.gate_up), ("_down_kernel", config.down)):
-            constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": tiles.block_n,
+            constexprs = {"BLOCK_M": config.block_m, "BLOCK_E": 64, "BLOCK_N": tiles.block_n,
                           "BLOCK_K": tiles.block_k, "EVEN_K": True, "DOT_DTYPE": tl.bfloat16,
                           "DOT_PRECISION": "tf32", "PDL": True}
             cases[f"moe{kernel[:-7]}_{num_tokens}"] = (

@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_moe import GemmTiles, MoeConfig, align_pairs, fused_moe_triton, moe_config
+from kernels.expert_buckets import ExpertBuckets, bucket_by_expert, max_row_blocks
+from kernels.fused_moe import GemmTiles, MoeConfig, fused_moe_triton, moe_config
+from kernels.moe_router import moe_route
+from kernels.rms_norm import rms_norm, rms_norm_ref
 from runner.models.layers.moe import fused_moe
 
 
@@ -55,27 +58,28 @@ def _check(x, w13, w2, topk_ids, topk_weights, config=None, add=None):
     return out
 
 
-@pytest.mark.parametrize("flat_ids, num_experts, block_m", [
-    ([3, -1, 0, 3, 3, 5, 0, 9, 3], 6, 16),  # experts 1, 2, 4 empty; 9 is outside E=6
-    ([2] * 40 + [0], 4, 16),  # one expert over three blocks
-    (torch.randint(-1, 5, (300,), generator=torch.Generator().manual_seed(0)).tolist(), 5, 32),
-    # three 1024-pair chunks; ids 64..69 are outside E=64
-    (torch.randint(-1, 70, (2100,), generator=torch.Generator().manual_seed(1)).tolist(), 64, 16),
+@pytest.mark.parametrize("flat_ids, num_experts", [
+    ([3, -1, 0, 3, 3, 5, 0, 9, 3], 6),  # experts 1, 2, 4 empty; 9 is outside E=6
+    ([2] * 40 + [0], 4),  # one expert over three 16-row blocks
+    (torch.randint(-1, 5, (300,), generator=torch.Generator().manual_seed(0)).tolist(), 5),
+    # three 1024-pair programs; ids 64..69 are outside E=64
+    (torch.randint(-1, 70, (2100,), generator=torch.Generator().manual_seed(1)).tolist(), 64),
 ])
-def test_align_pairs_groups_pairs_by_expert(flat_ids, num_experts, block_m):
-    """Each expert's pairs in pair order, padded to block_m with P; the blocks' experts, then -1
-    up to the worst-case size."""
-    sorted_pairs, block_experts = align_pairs(torch.tensor(flat_ids), num_experts, block_m)
-    num_pairs = len(flat_ids)
-    want_pairs, want_blocks = [], []
+def test_bucket_by_expert_groups_pairs_by_expert(flat_ids, num_experts):
+    """Each expert's bucket holds exactly its pairs (in any order); other ids are dropped."""
+    buckets = bucket_by_expert(torch.tensor(flat_ids), num_experts)
+    assert buckets.pairs.shape == (num_experts, len(flat_ids))
     for e in range(num_experts):
         pairs = [p for p, pair_expert in enumerate(flat_ids) if pair_expert == e]
-        want_pairs += pairs + [num_pairs] * (-len(pairs) % block_m)
-        want_blocks += [e] * -(-len(pairs) // block_m)
-    max_blocks = (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
-    assert sorted_pairs.shape == (max_blocks * block_m,) and block_experts.shape == (max_blocks,)
-    assert sorted_pairs[:len(want_pairs)].tolist() == want_pairs
-    assert block_experts.tolist() == want_blocks + [-1] * (max_blocks - len(want_blocks))
+        assert int(buckets.counts[e]) == len(pairs)
+        assert sorted(buckets.pairs[e, :len(pairs)].tolist()) == pairs
+
+
+def test_max_row_blocks_bounds_every_routing():
+    """The worst case: every non-empty bucket one row past a whole block."""
+    assert max_row_blocks(768, 64, 16) == 108  # 64 buckets of 12 pairs would need only 64
+    assert max_row_blocks(17 * 64, 64, 16) == 2 * 64
+    assert max_row_blocks(3, 64, 16) == 3  # at most 3 non-empty buckets
 
 
 @pytest.mark.parametrize("num_tokens, num_experts, hidden_size, intermediate_size", [
@@ -109,8 +113,8 @@ def test_one_expert_for_every_token_fills_several_row_blocks():
     _check(x, w13, w2, torch.full((9, 2), 2, dtype=torch.int32), topk_weights)
 
 
-def test_more_pairs_than_one_alignment_chunk():
-    """1,050 pairs: the sort runs over two 1024-pair chunks, ranks carried from the first."""
+def test_more_pairs_than_one_bucketing_program():
+    """1,050 pairs: two 1024-pair programs fill the buckets; 4 experts of ~260 pairs each."""
     _check(*_case(350, 3, 4, 32, 32, torch.float32, seed=8))
 
 
@@ -133,6 +137,43 @@ def test_added_input(dtype):
     torch.testing.assert_close(out[2], add[2])
     alone = fused_moe_triton(x, w13, w2, torch.full_like(topk_ids, -1), topk_weights, add=add)
     torch.testing.assert_close(alone, add)
+
+
+def test_buckets_from_the_router():
+    """The router's buckets give the bits of the MoE's own bucketing, also when the sum reads no
+    ids (all_local: the router's ids are all in range); a wrong size is named."""
+    x, w13, w2, _, _ = _case(21, 3, 6, 32, 32, torch.float32, seed=12)
+    gate = torch.randn(6, 32, generator=torch.Generator().manual_seed(12))
+    buckets = ExpertBuckets.empty(6, 21 * 3, x.device)
+    topk_weights, topk_ids = moe_route(x, gate, 3, 1, 1, True, 1.0, buckets=buckets)
+    out = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, buckets=buckets)
+    assert torch.equal(out, fused_moe_triton(x, w13, w2, topk_ids, topk_weights))
+    assert torch.equal(out, fused_moe_triton(x, w13, w2, topk_ids, topk_weights,
+                                             buckets=buckets, all_local=True))
+    with pytest.raises(ValueError, match=r"buckets must hold .*P=42"):
+        fused_moe_triton(x, w13, w2, topk_ids[:, :2], topk_weights[:, :2], buckets=buckets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_add_and_norm_in_the_sum_kernel(dtype):
+    """With residual and norm: the bits of the MoE's output, then kernels/rms_norm.py's add and
+    norm (48 columns: a masked row), also for a token with no local expert and for top_k 0."""
+    x, w13, w2, topk_ids, topk_weights = _case(6, 2, 5, 48, 32, dtype, seed=13)
+    topk_ids[2] = -1
+    gen = torch.Generator().manual_seed(13)
+    add, residual = (torch.randn(6, 48, generator=gen).to(dtype) for _ in range(2))
+    weight = (torch.rand(48, generator=gen) + 0.5).to(dtype)
+    for ids, weights in ((topk_ids, topk_weights), (topk_ids[:, :0], topk_weights[:, :0])):
+        normed, summed = fused_moe_triton(x, w13, w2, ids, weights, add=add,
+                                          residual=residual, norm=(weight, 1e-6))
+        want_normed, want_summed = rms_norm(fused_moe_triton(x, w13, w2, ids, weights, add=add),
+                                            weight, 1e-6, residual)
+        assert torch.equal(summed, want_summed) and torch.equal(normed, want_normed)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # the reference rounds weight * normed
+    torch.testing.assert_close(normed, rms_norm_ref(add, weight, 1e-6, residual)[0], atol=tol,
+                               rtol=tol)
+    with pytest.raises(ValueError, match="residual and norm"):
+        fused_moe_triton(x, w13, w2, topk_ids, topk_weights, residual=residual)
 
 
 def test_float32_results_are_reproducible():
@@ -242,6 +283,32 @@ def test_gpu_cuda_graph_replays_new_routing():
         graph.replay()
         want = fused_moe_triton(x, w13, w2, topk_ids, topk_weights)
         torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_cuda_graph_replays_the_routers_buckets():
+    """Router and MoE captured together (DeepSeek-V2-Lite, 128 tokens), replayed on new inputs:
+    the buckets are rebuilt in every replay and the output equals an eager run's bits."""
+    x, w13, w2, _, _ = _gpu_case(128)
+    gate = torch.randn(64, 2048, device="cuda").to(torch.bfloat16) * 0.02
+
+    def run():
+        buckets = ExpertBuckets.empty(64, 128 * 6, x.device)
+        weights, ids = moe_route(x, gate, 6, 1, 1, False, 1.0, buckets=buckets)
+        return fused_moe_triton(x, w13, w2, ids, weights, buckets=buckets)
+
+    run()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for seed in (1, 2):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=torch.Generator(
+            device="cuda").manual_seed(seed)))
+        graph.replay()
+        weights, ids = moe_route(x, gate, 6, 1, 1, False, 1.0)
+        torch.testing.assert_close(out, fused_moe_triton(x, w13, w2, ids, weights), atol=0,
+                                   rtol=0)
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ selection, renormalised or scaled weights, expert counts that are not powers of 
 import pytest
 import torch
 
+from kernels.expert_buckets import ExpertBuckets
 from kernels.moe_router import moe_route, moe_route_ref
 
 
@@ -83,3 +84,24 @@ def test_rejects_bad_arguments():
         moe_route(torch.randn(4, 8), torch.randn(6, 16), 2, 1, 1, False, 1.0)
     with pytest.raises(ValueError, match="top_k=7"):
         moe_route(torch.randn(4, 8), torch.randn(6, 8), 7, 1, 1, False, 1.0)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 37])
+def test_fills_the_fused_moes_buckets(num_tokens):
+    """With buckets, the same choices, and each expert's bucket holds exactly the pairs that
+    chose it, although the counts held stale values before (the logits kernel zeroes them)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(num_tokens, 96, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(20, 96, generator=g) * 0.2).to(torch.bfloat16)
+    buckets = ExpertBuckets.empty(20, num_tokens * 3, x.device)
+    buckets.counts.fill_(5)
+    weights, ids = moe_route(x, weight, 3, 1, 1, True, 1.0, buckets=buckets)
+    plain_weights, plain_ids = moe_route(x, weight, 3, 1, 1, True, 1.0)
+    assert torch.equal(ids, plain_ids) and torch.equal(weights, plain_weights)
+    flat_ids = ids.flatten().tolist()
+    for e in range(20):
+        pairs = [p for p, pair_expert in enumerate(flat_ids) if pair_expert == e]
+        assert int(buckets.counts[e]) == len(pairs)
+        assert sorted(buckets.pairs[e, :len(pairs)].tolist()) == pairs
+    with pytest.raises(ValueError, match="buckets must hold"):  # sized for 20 experts
+        moe_route(x, weight[:19], 3, 1, 1, True, 1.0, buckets=buckets)

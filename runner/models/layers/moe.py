@@ -12,6 +12,7 @@ import functools
 import torch
 from torch import nn
 
+from kernels.expert_buckets import ExpertBuckets
 from kernels.fused_moe import fused_moe_triton
 from kernels.moe_router import moe_route, moe_route_ref
 from kernels.silu_mul import silu_mul_ref
@@ -19,6 +20,7 @@ from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ReplicatedLinear
 from runner.models.layers.mlp import GatedMLP
+from runner.models.layers.norm import RMSNorm
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 # Decode-sized batches use the Triton fused MoE on a GPU (graph-safe, streams expert weights);
@@ -120,22 +122,38 @@ class FusedExperts(nn.Module):
             rows = self.w13.data[local].narrow(0, 0 if proj == "gate" else size, size)
             rows.copy_(full.narrow(0, start, size))
 
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS
+
+    def routing_buckets(self, x: torch.Tensor, top_k: int) -> ExpertBuckets | None:
+        """Buckets for the router to fill (moe_route), when the Triton MoE will run and every
+        expert is local (EP remaps the ids first; fused_moe_triton buckets them itself)."""
+        if not self.uses_triton(x) or self.num_local_experts != self.num_experts:
+            return None
+        return ExpertBuckets.empty(self.num_experts, x.shape[0] * top_k, x.device)
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                add: torch.Tensor | None = None,
-                add_ready: torch.cuda.Event | None = None) -> torch.Tensor:
+                add: torch.Tensor | None = None, add_ready: torch.cuda.Event | None = None,
+                buckets: ExpertBuckets | None = None, residual: torch.Tensor | None = None,
+                norm: RMSNorm | None = None):
         """add + partial sum over this rank's experts (or slices); topk_ids are global ids.
-        add_ready: the event `add` is written by, on another stream (fused_moe_triton)."""
+        add_ready: the event `add` is written by, on another stream; buckets: filled by the
+        router from routing_buckets(...) (both for fused_moe_triton). With residual and norm:
+        norm(that sum, residual), fused into the sum's kernel on the Triton path."""
         local_ids = topk_ids
         if self.num_local_experts != self.num_experts:  # EP: other ranks' experts become -1
             local_ids = topk_ids - self.expert_start
             local_ids = local_ids.masked_fill(
                 (local_ids < 0) | (local_ids >= self.num_local_experts), -1)
-        if x.is_cuda and x.shape[0] <= MAX_TRITON_MOE_TOKENS:
+        if self.uses_triton(x):
             return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights, add=add,
-                                    add_ready=add_ready)
+                                    add_ready=add_ready, buckets=buckets, residual=residual,
+                                    norm=None if norm is None else (norm.weight, norm.eps),
+                                    all_local=buckets is not None)  # the router's ids
         if add_ready is not None:
             torch.cuda.current_stream(x.device).wait_event(add_ready)
-        return fused_moe(x, self.w13, self.w2, local_ids, topk_weights, add=add)
+        out = fused_moe(x, self.w13, self.w2, local_ids, topk_weights, add=add)
+        return out if norm is None else norm(out, residual)
 
 
 @functools.cache
@@ -168,15 +186,32 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H], summed over ranks."""
+        return self.group.all_reduce(self._experts_and_shared(x))
+
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm(self(x), residual): (the normed sum, the sum). Without an all-reduce between,
+        the routed experts' final sum kernel adds and norms too (one launch fewer a layer)."""
+        if self.group.size > 1:
+            return norm(self(x), residual)
+        return self._experts_and_shared(x, residual, norm)
+
+    def _experts_and_shared(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                            norm: RMSNorm | None = None):
+        """This rank's routed experts' partial sum plus the shared experts' (then normed with
+        the residual, if given)."""
         c = self.config
-        route = moe_route if x.is_cuda else moe_route_ref  # the same rule; fp32 logits
         num_groups = c.n_group if c.topk_method == "group_limited_greedy" else 1
-        topk_weights, topk_ids = route(x, self.gate.weight, c.num_experts_per_tok, num_groups,
-                                       c.topk_group, bool(c.norm_topk_prob),
-                                       c.routed_scaling_factor)  # [T, K] each
+        rule = (c.num_experts_per_tok, num_groups, c.topk_group, bool(c.norm_topk_prob),
+                c.routed_scaling_factor)
+        buckets = self.experts.routing_buckets(x, c.num_experts_per_tok)
+        if x.is_cuda:  # the same rule; fp32 logits
+            topk_weights, topk_ids = moe_route(x, self.gate.weight, *rule, buckets=buckets)
+        else:
+            topk_weights, topk_ids = moe_route_ref(x, self.gate.weight, *rule)  # [T, K] each
         shared, shared_ready = self._shared_output(x)
-        return self.group.all_reduce(self.experts(x, topk_ids, topk_weights, add=shared,
-                                                  add_ready=shared_ready))
+        return self.experts(x, topk_ids, topk_weights, add=shared, add_ready=shared_ready,
+                            buckets=buckets, residual=residual, norm=norm)
 
     def _shared_output(self, x: torch.Tensor) -> tuple[torch.Tensor | None,
                                                        torch.cuda.Event | None]:
