@@ -318,5 +318,6 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         0.0 if norm is None else norm[1], pair_out.stride(0),
         0 if add is None else add.stride(0), 0 if residual is None else residual.stride(0),
         out.stride(0), out.stride(0), TOP_K=top_k, HAS_ADD=add is not None,
-        ALL_LOCAL=all_local, NORM=norm is not None, BLOCK_H=block_h, num_warps=4 if block_h <= 4096 else 8, **pdl)
+        ALL_LOCAL=all_local, NORM=norm is not None, BLOCK_H=block_h,
+        num_warps=4 if block_h <= 4096 else 8, **pdl)
     return out if norm is None else (out, summed)

@@ -2,9 +2,10 @@
 split by intermediate size (TP) or by whole experts (EP), shared experts; each rank sums its
 partial routed + shared output (inside the fused MoE's fp32 sum) and ONE all-reduce over tp
 combines them. On a GPU the shared experts run on a side stream, overlapping the routed experts'
-GEMMs (both only read the layer's input); the side stream starts after the router's top-k, which
-would otherwise share its SMs with the shared experts' first GEMM (one H200, dsv2lite, batch 128:
-TPOT 9.51 -> 9.48 ms)."""
+GEMMs (both only read the layer's input). The side stream starts before the router: queued after
+the top-k (as until the twelfth session), the shared experts got SMs only in the routed GEMMs'
+tails and the final sum waited ~4 us a layer for them; queued first, TPOT 9.18 -> 9.13 ms (one
+H200, dsv2lite, batch 128)."""
 from __future__ import annotations
 
 import functools
@@ -204,12 +205,12 @@ class DeepseekMoE(nn.Module):
         num_groups = c.n_group if c.topk_method == "group_limited_greedy" else 1
         rule = (c.num_experts_per_tok, num_groups, c.topk_group, bool(c.norm_topk_prob),
                 c.routed_scaling_factor)
+        shared, shared_ready = self._shared_output(x)
         buckets = self.experts.routing_buckets(x, c.num_experts_per_tok)
         if x.is_cuda:  # the same rule; fp32 logits
             topk_weights, topk_ids = moe_route(x, self.gate.weight, *rule, buckets=buckets)
         else:
             topk_weights, topk_ids = moe_route_ref(x, self.gate.weight, *rule)  # [T, K] each
-        shared, shared_ready = self._shared_output(x)
         return self.experts(x, topk_ids, topk_weights, add=shared, add_ready=shared_ready,
                             buckets=buckets, residual=residual, norm=norm)
 
@@ -217,7 +218,7 @@ class DeepseekMoE(nn.Module):
                                                        torch.cuda.Event | None]:
         """The shared experts' output [T, H] (None without them) and, on a GPU, the event
         recorded when it is written: they run on a side stream that first waits for everything
-        queued so far (the router included), and only the routed experts' final sum waits for
+        queued so far (the layer's input), and only the routed experts' final sum waits for
         them. Memory stays safe without record_stream: the next layer's side work waits for this
         layer's sum."""
         if self.shared_experts is None:
