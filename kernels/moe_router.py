@@ -18,9 +18,10 @@ from kernels.dot_operands import DOT_DTYPES, dot_operands
 from kernels.expert_buckets import ExpertBuckets, add_to_buckets
 
 BLOCK_T = 16  # tokens per program of the logits GEMM
-# tokens per program of the top-k kernel, one warp each: on one H200 at batch 128 (E=64, top-6)
-# 2.85 us against 3.80 us for 16 tokens x 4 warps: its K rounds of row reductions are serial
-TOPK_BLOCK_T = 4
+# tokens per program of the top-k kernel, one warp each: its K rounds of row reductions are
+# serial. On one H200 at batch 128 (E=64, top-6), alone: 4 tokens 2.85 us, 16 tokens x 4 warps
+# 3.80; in the step, beside the shared experts' first GEMM: 2 tokens TPOT 9.06 -> 9.03 ms
+TOPK_BLOCK_T = 2
 MAX_TILE_ELEMENTS = 8192  # router weight elements per dot (BLOCK_E x BLOCK_K): no spills
 MAX_SPLITS = 16  # K splits of the logits GEMM: 8 token blocks x 16 = 128 programs at batch 128
 

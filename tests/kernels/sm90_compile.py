@@ -44,7 +44,7 @@ CASES = {
         {"partial_ptr": FP32, "weights_ptr": FP32, "ids_ptr": I64, "counts_ptr": I32,
          "buckets_ptr": I32},
         {"NUM_SPLITS": 16, "TOP_K": 6, "NUM_GROUPS": 1, "TOPK_GROUP": 1, "RENORMALIZE": False,
-         "BLOCK_TOP_K": 8, "BLOCK_T": 4, "BLOCK_E": block_e, "FILL_BUCKETS": True, "PDL": True},
+         "BLOCK_TOP_K": 8, "BLOCK_T": 2, "BLOCK_E": block_e, "FILL_BUCKETS": True, "PDL": True},
         {"num_warps": 1})
        for block_e in (64, 256)},  # DeepSeek-V2-Lite, V2
     **{f"router_logits_e{block_e}": (
