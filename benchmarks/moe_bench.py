@@ -1,6 +1,8 @@
 """Decode MoE layer on one GPU: the Triton fused MoE vs the torch fused_moe (torch._grouped_mm),
 bf16, DeepSeek-V2-Lite shapes, seeded uniform top-K routing, timed as CUDA graph replays; TB/s
 counts the expert weights touched. `--tune` sweeps tiles per batch for kernels/fused_moe.py.
+The Triton times include the pairs' bucketing (a memset and one small kernel), which a decode
+step does inside the router's top-k instead.
 
     python benchmarks/moe_bench.py [--tune] [--out results.json]
 (the torch path imports runner/, which needs hydra-core: carry the .whl wheels on the GPU image)

@@ -47,7 +47,8 @@ def max_row_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
 @triton.jit
 def add_to_buckets(ids, pairs, mask, num_experts, counts_ptr, buckets_ptr, bucket_size):
     """Appends pairs (any shape, with their expert ids) to their experts' buckets; ids outside
-    [0, num_experts) and masked pairs are dropped. A device function of the router's top-k."""
+    [0, num_experts) and masked pairs are dropped. A device function of the router's top-k and
+    of _bucket_kernel."""
     keep = mask & (ids >= 0) & (ids < num_experts)
     rank = tl.atomic_add(counts_ptr + ids, 1, mask=keep, sem="relaxed")
     tl.store(buckets_ptr + ids.to(tl.int64) * bucket_size + rank, pairs, mask=keep)
@@ -73,7 +74,7 @@ def bucket_rows(block, counts_ptr, buckets_ptr, num_experts, bucket_size,
     return expert, pairs, row_mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _bucket_kernel(ids_ptr, counts_ptr, buckets_ptr, num_pairs, num_experts,
                    BLOCK: tl.constexpr):
     pairs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -1,7 +1,8 @@
 """Triton fused MoE for decode: pairs (token, choice) grouped by expert (kernels/expert_buckets.py),
 a grouped GEMM for gate and up (silu(gate) * up), one for down (times the router weight), a
 fixed-order sum over choices, to which an optional per-token input (DeepSeek's shared experts'
-output) is added. Worst-case static buffers: no host sync, CUDA-graph safe."""
+output) is added, then optionally a residual and an RMSNorm (the next layer's input norm).
+Worst-case static buffers: no host sync, CUDA-graph safe."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ class GemmTiles:
 
 @dataclass(frozen=True)
 class MoeConfig:
-    block_m: int  # pair rows per program; each expert's segment is padded to a multiple of it
+    block_m: int  # pair rows per program; each expert's bucket is cut into blocks of it
     gate_up: GemmTiles
     down: GemmTiles
 

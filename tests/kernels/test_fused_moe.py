@@ -176,6 +176,25 @@ def test_residual_add_and_norm_in_the_sum_kernel(dtype):
         fused_moe_triton(x, w13, w2, topk_ids, topk_weights, residual=residual)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_rank_decode_path(dtype):
+    """Router buckets, ids not read (all_local), the shared experts' output added, then the
+    residual and norm: the bits of the unfused MoE followed by kernels/rms_norm.py."""
+    x, w13, w2, _, _ = _case(19, 3, 6, 48, 32, dtype, seed=14)
+    gen = torch.Generator().manual_seed(14)
+    gate = torch.randn(6, 48, generator=gen).to(dtype)
+    add, residual = (torch.randn(19, 48, generator=gen).to(dtype) for _ in range(2))
+    weight = (torch.rand(48, generator=gen) + 0.5).to(dtype)
+    buckets = ExpertBuckets.empty(6, 19 * 3, x.device)
+    topk_weights, topk_ids = moe_route(x, gate, 3, 1, 1, True, 1.0, buckets=buckets)
+    normed, summed = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, add=add,
+                                      buckets=buckets, residual=residual, norm=(weight, 1e-6),
+                                      all_local=True)
+    want_normed, want_summed = rms_norm(
+        fused_moe_triton(x, w13, w2, topk_ids, topk_weights, add=add), weight, 1e-6, residual)
+    assert torch.equal(summed, want_summed) and torch.equal(normed, want_normed)
+
+
 def test_float32_results_are_reproducible():
     case = _case(4, 2, 4, 32, 32, torch.float32, seed=5)
     assert torch.equal(fused_moe_triton(*case), fused_moe_triton(*case))

@@ -136,7 +136,7 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 add: torch.Tensor | None = None, add_ready: torch.cuda.Event | None = None,
                 buckets: ExpertBuckets | None = None, residual: torch.Tensor | None = None,
-                norm: RMSNorm | None = None):
+                norm: RMSNorm | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """add + partial sum over this rank's experts (or slices); topk_ids are global ids.
         add_ready: the event `add` is written by, on another stream; buckets: filled by the
         router from routing_buckets(...) (both for fused_moe_triton). With residual and norm:
@@ -150,7 +150,7 @@ class FusedExperts(nn.Module):
             return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights, add=add,
                                     add_ready=add_ready, buckets=buckets, residual=residual,
                                     norm=None if norm is None else (norm.weight, norm.eps),
-                                    all_local=buckets is not None)  # the router's ids
+                                    all_local=self.num_local_experts == self.num_experts)
         if add_ready is not None:
             torch.cuda.current_stream(x.device).wait_event(add_ready)
         out = fused_moe(x, self.w13, self.w2, local_ids, topk_weights, add=add)
