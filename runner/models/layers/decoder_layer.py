@@ -13,7 +13,8 @@ from runner.models.layers.norm import RMSNorm
 
 class DecoderLayer(nn.Module):
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float):
-        """mlp: has forward_add_norm(x, residual, norm) -> (norm(mlp(x) + residual), the sum)."""
+        """mlp: any module of x [T, H] -> [T, H]; one with forward_add_norm(x, residual, norm) ->
+        (norm(mlp(x) + residual), the sum) may fuse that add and norm (DeepseekMoE does)."""
         super().__init__()
         self.self_attn = self_attn
         self.mlp = mlp
@@ -26,7 +27,10 @@ class DecoderLayer(nn.Module):
         """(this layer's normed input, the residual stream before the layer) -> (next_norm of
         the stream after it, that stream)."""
         h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual)
-        return self.mlp.forward_add_norm(h, residual, next_norm)
+        forward_add_norm = getattr(self.mlp, "forward_add_norm", None)
+        if forward_add_norm is not None:
+            return forward_add_norm(h, residual, next_norm)
+        return next_norm(self.mlp(h), residual)
 
 
 def run_decoder_layers(layers: nn.ModuleList, final_norm: RMSNorm, hidden: torch.Tensor,

@@ -9,7 +9,6 @@ from kernels.silu_mul import silu_mul, silu_mul_ref
 from runner.distributed import GroupHandle
 from runner.errors import RunnerError
 from runner.models.layers.linear import ColumnParallelLinear, RowParallelLinear
-from runner.models.layers.norm import RMSNorm
 
 
 class GatedMLP(nn.Module):
@@ -31,8 +30,3 @@ class GatedMLP(nn.Module):
         gate_up = self.gate_up_proj(x)  # [T, 2I/tp]: gate, then up
         act = silu_mul(gate_up) if gate_up.is_cuda else silu_mul_ref(gate_up)  # [T, I/tp]
         return self.down_proj(act)
-
-    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """norm(self(x), residual): (the normed sum, the sum), the decoder layer's interface."""
-        return norm(self(x), residual)
