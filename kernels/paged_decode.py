@@ -101,10 +101,8 @@ def _attend_tile(q1, q2, m_i, l_i, acc, block, tile_start, end, table_row, tile_
     multiple of BLOCK_N) before `end`, whose page numbers are `block`; returns them and the
     next tile's page numbers. k_ptr / v_ptr point at the kv head. With PAGE_ALIGNED (BLOCK_N and
     the page size divide one another) a token's slot is a per-tile scalar plus a loop-invariant
-    vector: no per-token division, 1018 -> 569 SASS instructions per MLA tile (64 tokens), TPOT
-    9.13 / 9.14 -> 9.05 / 9.05 ms (one H200, dsv2lite, the seed workload). Skipping the token
-    masks on whole tiles (a separate masked last tile, outside the pipelined loop) measured
-    slower in the step: 9.15 ms."""
+    vector: no per-token division (1018 -> 569 SASS instructions per 64-token MLA tile; figures
+    in docs/BENCHMARKS.md, eleventh session)."""
     tok_mask = tile_start + offs_n < end
     next_block = _page_numbers(table_row, tile_start + BLOCK_N, tile_page, end, table_stride_b,
                                BLOCK_SIZE, PAGE_ALIGNED)

@@ -3,9 +3,8 @@ split by intermediate size (TP) or by whole experts (EP), shared experts; each r
 partial routed + shared output (inside the fused MoE's fp32 sum) and ONE all-reduce over tp
 combines them. On a GPU the shared experts run on a side stream, overlapping the routed experts'
 GEMMs (both only read the layer's input). The side stream starts before the router: queued after
-the top-k (as until the twelfth session), the shared experts got SMs only in the routed GEMMs'
-tails and the final sum waited ~4 us a layer for them; queued first, TPOT 9.18 -> 9.13 ms (one
-H200, dsv2lite, batch 128)."""
+the top-k, the shared experts got SMs only in the routed GEMMs' tails and the final sum waited
+~4 us a layer for them; queued first, TPOT 9.18 -> 9.13 ms (one H200, dsv2lite, batch 128)."""
 from __future__ import annotations
 
 import functools
