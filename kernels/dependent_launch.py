@@ -11,7 +11,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.dot_operands import interpreting
 
@@ -21,6 +21,14 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
     """The first statement of a kernel launched with dependent_launch(...)'s arguments."""
     if PDL:
         gdc_wait()
+
+
+@triton.jit
+def release_next_kernel(PDL: tl.constexpr):
+    """Lets the next kernel (launched with dependent_launch) start now: its programs take SMs and
+    wait in wait_for_previous_kernel, which still waits for this whole kernel."""
+    if PDL:
+        gdc_launch_dependents()
 
 
 @functools.cache

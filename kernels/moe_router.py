@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dependent_launch import dependent_launch, wait_for_previous_kernel
+from kernels.dependent_launch import (dependent_launch, release_next_kernel,
+                                      wait_for_previous_kernel)
 from kernels.dot_operands import DOT_DTYPES, dot_operands
 from kernels.expert_buckets import ExpertBuckets, add_to_buckets
 
@@ -33,8 +34,10 @@ def _router_logits_kernel(x_ptr, w_ptr, partial_ptr, counts_ptr, num_tokens, num
                           DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           FILL_BUCKETS: tl.constexpr, PDL: tl.constexpr):
     """partial[s, t, e] = sum over split s's k_per_split columns of x[t, k] * w[e, k], in fp32;
-    with FILL_BUCKETS, program (0, 0) zeroes the bucket counts the top-k kernel then fills."""
+    with FILL_BUCKETS, program (0, 0) zeroes the bucket counts the top-k kernel then fills. The
+    top-k is released at once (kernels/dependent_launch.py says why)."""
     wait_for_previous_kernel(PDL)
+    release_next_kernel(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     split = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)

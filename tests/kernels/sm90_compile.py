@@ -73,6 +73,9 @@ CASES = {
 }
 
 
+# the kernels that let the next one start at once (kernels/dependent_launch.py)
+RELEASE_NEXT_KERNEL = {"kernels.moe_router:_router_logits_kernel"}
+
 MOE_GEMM_POINTERS = {
     "_gate_up_kernel": {"counts_ptr": I32, "buckets_ptr": I32},
     "_down_kernel": {"counts_ptr": I32, "buckets_ptr": I32, "weights_ptr": FP32},
@@ -112,6 +115,8 @@ def compile_case(path: str, pointers: dict, constexprs: dict, options: dict) -> 
     assert compiled.asm["cubin"], "no cubin"
     if constexprs.get("PDL"):  # launched with launch_pdl: must wait for the previous kernel
         assert "griddepcontrol.wait" in compiled.asm["ptx"], "no griddepcontrol.wait"
+        released = "griddepcontrol.launch_dependents" in compiled.asm["ptx"]
+        assert released == (path in RELEASE_NEXT_KERNEL), f"launch_dependents: {released}"
     shared = compiled.metadata.shared
     assert shared <= H200_MAX_SHARED, f"{shared} bytes of shared memory > {H200_MAX_SHARED}"
 
