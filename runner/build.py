@@ -150,7 +150,7 @@ def build_runner(cfg: DictConfig, **objects) -> Runner:
             raise RunnerError("a multi-rank plan must be run through runner.launch (or cli.py)")
         plan.setup(dist.get_rank())
     attention = instantiate(cfg, "attention", objects, device=device)
-    graph = instantiate(cfg, "graph", objects, device=device)
+    graph = instantiate(cfg, "graph", objects, device=device, attention=attention)
     block_table = objects.get("block_table") or instantiate(cfg, "block_table", {})
     if isinstance(block_table, functools.partial):
         block_table = block_table(cp_size=plan.cp_size, cp_rank=plan.cp_rank)

@@ -47,6 +47,10 @@ class AttentionBackend(Protocol):  # conf/attention
     # rank-local context bounds at which decode launches differently (CUDA graphs capture each
     # batch size once per bound, and once at the longest context); a backend without it: none
     decode_length_buckets: tuple[int, ...]
+    # True: graph=auto captures decode in CUDA graphs on a GPU; False: it runs decode eagerly (a
+    # decode whose memory grows with the captured length bound, max_model_len); a backend
+    # without it: True
+    decode_in_graphs: bool
     # True: write_kv only stores rows at slot_mapping in kv_cache_shape's layout, so a model may
     # store its key rows itself inside a fused kernel (the MLA and GQA prologues) instead of calling
     # write_kv; a backend without it: False (write_kv is always called). A backend whose write_kv

@@ -78,3 +78,10 @@ def test_triton_graphs_across_length_bounds_give_torch_greedy_tokens(num_prompts
     assert [o.token_ids for o in fast.generate(prompts, max_tokens=max_tokens)] == expected
     assert fast.graph.num_replayed > 0 and fast.graph.num_eager == 0
     fast.shutdown()
+
+
+def test_graph_auto_runs_the_torch_backend_eagerly():
+    runner = _runner("model=tiny", "attention=torch", "graph=auto")
+    assert type(runner.graph).__name__ == "EagerGraph"
+    assert len(runner.generate([[1, 2, 3]], max_tokens=4)[0].token_ids) == 4
+    runner.shutdown()

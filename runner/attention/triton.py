@@ -28,6 +28,7 @@ def one_masked_call(prompt_lengths: list[int]) -> bool:
 class TritonAttention:
     returns_lse = True  # decode; prefill returns lse None (nothing combines prefill outputs)
     decode_length_buckets = (MAX_SHORT_CONTEXT,)  # short contexts: one split, no merge
+    decode_in_graphs = True
 
     @property
     def fused_kv_write(self) -> bool:
