@@ -27,6 +27,8 @@ def test_backends_name_their_decode_length_buckets_and_fused_kv_write():
     # the DCP wrapper passes the opt-in through (the slot mapping it writes at is rank-local)
     assert DCPAttention(TritonAttention(), group=None).fused_kv_write is True
     assert DCPAttention(TorchAttention(), group=None).fused_kv_write is False
+    assert DCPAttention(TritonAttention(), group=None).decode_in_graphs is True
+    assert DCPAttention(TorchAttention(), group=None).decode_in_graphs is False
 
     class LoggingTriton(TritonAttention):  # its write_kv must see every write
         def write_kv(self, k_cache, v_cache, slot_mapping, key, value) -> None:

@@ -42,6 +42,10 @@ class DCPAttention:
         return self.backend.decode_length_buckets  # rank-local lengths: the backend's own
 
     @property
+    def decode_in_graphs(self) -> bool:
+        return getattr(self.backend, "decode_in_graphs", True)
+
+    @property
     def fused_kv_write(self) -> bool:
         return getattr(self.backend, "fused_kv_write", False)  # the slots are rank-local too
 

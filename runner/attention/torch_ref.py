@@ -29,8 +29,9 @@ def _expand_kv(x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
 class TorchAttention:
     returns_lse = True
     decode_length_buckets = ()  # decode's shapes follow the length bound; no launch to tune
-    # decode gathers every row's context up to the bound: captured at max_model_len, 18 GiB for
-    # 16 requests of 32k tokens on DeepSeek-V2-Lite (an H200 run); graph=auto runs it eagerly
+    # decode gathers every row's context up to the bound: captured at max_model_len, one of its
+    # allocations was 18 GiB for 16 requests of DeepSeek-V2-Lite at 32k tokens (an H200 run);
+    # graph=auto runs it eagerly
     decode_in_graphs = False
     fused_kv_write = False  # every cache write goes through write_kv
 

@@ -115,8 +115,11 @@ def compile_case(path: str, pointers: dict, constexprs: dict, options: dict) -> 
     assert compiled.asm["cubin"], "no cubin"
     if constexprs.get("PDL"):  # launched with launch_pdl: must wait for the previous kernel
         assert "griddepcontrol.wait" in compiled.asm["ptx"], "no griddepcontrol.wait"
-        released = "griddepcontrol.launch_dependents" in compiled.asm["ptx"]
+        ptx = compiled.asm["ptx"]
+        released = "griddepcontrol.launch_dependents" in ptx
         assert released == (path in RELEASE_NEXT_KERNEL), f"launch_dependents: {released}"
+        if released:  # after its own wait: the next kernel cannot overtake the previous one
+            assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents")
     shared = compiled.metadata.shared
     assert shared <= H200_MAX_SHARED, f"{shared} bytes of shared memory > {H200_MAX_SHARED}"
 
