@@ -160,14 +160,14 @@ def _down_kernel(act_ptr, w2_ptr, pair_out_ptr, counts_ptr, buckets_ptr, weights
 @triton.jit
 def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, residual_ptr, norm_weight_ptr, out_ptr,
                         sum_ptr, num_experts, hidden_size, eps, out_stride_p, add_stride_t,
-                        residual_stride_t, out_stride_t, sum_stride_t, TOP_K: tl.constexpr,
+                        residual_stride_t, out_stride_t, TOP_K: tl.constexpr,
                         HAS_ADD: tl.constexpr, ALL_LOCAL: tl.constexpr, NORM: tl.constexpr,
                         BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """out[t] = (add[t] if HAS_ADD) + sum over k in order of pair_out[t*K + k], skipping pairs
     with no local expert (unless ALL_LOCAL: no ids are read); in fp32. The unrolled k loop issues
     its K independent loads at once.
     NORM (one program per token): then sum[t] = out[t] + residual[t] and out[t] = its RMSNorm
-    times norm_weight, rounded as kernels/rms_norm.py rounds them."""
+    times norm_weight, rounded as kernels/rms_norm.py rounds them (sum laid out as out)."""
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -189,7 +189,7 @@ def _sum_choices_kernel(pair_out_ptr, ids_ptr, add_ptr, residual_ptr, norm_weigh
         residual = tl.load(residual_ptr + token * residual_stride_t + cols, mask=col_mask,
                            other=0.0)
         summed = (out.to(tl.float32) + residual.to(tl.float32)).to(out.dtype)
-        tl.store(sum_ptr + token * sum_stride_t + cols, summed, mask=col_mask)
+        tl.store(sum_ptr + token * out_stride_t + cols, summed, mask=col_mask)
         out = weighted_rms_norm(summed, norm_weight_ptr, cols, col_mask, hidden_size,
                                 eps).to(out.dtype)
     tl.store(out_ptr + token * out_stride_t + cols, out, mask=col_mask)
@@ -318,7 +318,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         out if summed is None else summed, num_experts, hidden_size,
         0.0 if norm is None else norm[1], pair_out.stride(0),
         0 if add is None else add.stride(0), 0 if residual is None else residual.stride(0),
-        out.stride(0), out.stride(0), TOP_K=top_k, HAS_ADD=add is not None,
+        out.stride(0), TOP_K=top_k, HAS_ADD=add is not None,
         ALL_LOCAL=all_local, NORM=norm is not None, BLOCK_H=block_h,
         num_warps=4 if block_h <= 4096 else 8, **pdl)
     return out if norm is None else (out, summed)

@@ -111,6 +111,11 @@ class FusedExperts(nn.Module):
     def is_local(self, expert_id: int) -> bool:
         return 0 <= expert_id - self.expert_start < self.num_local_experts
 
+    @property
+    def holds_all_experts(self) -> bool:
+        """No EP split: the router's ids are this rank's expert indices."""
+        return self.num_local_experts == self.num_experts
+
     def load_expert(self, expert_id: int, proj: str, full: torch.Tensor) -> None:
         """Copy this rank's part of checkpoint tensor `proj` ("gate", "up" or "down") of a local
         expert: gate/up [I, H] -> rows of w13, down [H, I] -> w2."""
@@ -128,7 +133,7 @@ class FusedExperts(nn.Module):
     def routing_buckets(self, x: torch.Tensor, top_k: int) -> ExpertBuckets | None:
         """Buckets for the router to fill (moe_route), when the Triton MoE will run and every
         expert is local (EP remaps the ids first; fused_moe_triton buckets them itself)."""
-        if not self.uses_triton(x) or self.num_local_experts != self.num_experts:
+        if not self.uses_triton(x) or not self.holds_all_experts:
             return None
         return ExpertBuckets.empty(self.num_experts, x.shape[0] * top_k, x.device)
 
@@ -141,7 +146,7 @@ class FusedExperts(nn.Module):
         router from routing_buckets(...) (both for fused_moe_triton). With residual and norm:
         norm(that sum, residual), fused into the sum's kernel on the Triton path."""
         local_ids = topk_ids
-        if self.num_local_experts != self.num_experts:  # EP: other ranks' experts become -1
+        if not self.holds_all_experts:  # EP: other ranks' experts become -1
             local_ids = topk_ids - self.expert_start
             local_ids = local_ids.masked_fill(
                 (local_ids < 0) | (local_ids >= self.num_local_experts), -1)
@@ -149,7 +154,7 @@ class FusedExperts(nn.Module):
             return fused_moe_triton(x, self.w13, self.w2, local_ids, topk_weights, add=add,
                                     add_ready=add_ready, buckets=buckets, residual=residual,
                                     norm=None if norm is None else (norm.weight, norm.eps),
-                                    all_local=self.num_local_experts == self.num_experts)
+                                    all_local=self.holds_all_experts)
         if add_ready is not None:
             torch.cuda.current_stream(x.device).wait_event(add_ready)
         out = fused_moe(x, self.w13, self.w2, local_ids, topk_weights, add=add)
